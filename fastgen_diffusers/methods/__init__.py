@@ -1,0 +1,5 @@
+"""Distillation methods."""
+
+from .dmd import DMDPipeline
+
+__all__ = ["DMDPipeline"]

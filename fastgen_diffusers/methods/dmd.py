@@ -1,0 +1,478 @@
+"""DMD2 loss pipeline: variational score distillation, fake-score DSM and an optional GAN branch.
+
+:class:`DMDPipeline` computes losses; the training loop owns optimizers, the alternation
+(``config.student_update_freq``), device placement and sharding.
+
+Example::
+
+    import fastgen_diffusers as fgd
+
+    cfg = fgd.load_dmd_config("general/distillation/dmd2_wan22_5b")
+    fake_score = fgd.create_fake_score(teacher)
+    pipe = fgd.DMDPipeline(student, teacher, fake_score, cfg, discriminator=disc)
+
+    if step % cfg.student_update_freq == 0:
+        losses = pipe.compute_student_loss(latents, noise, text_embeds,
+                                           negative_encoder_hidden_states=neg_embeds)
+        losses["total"].backward(); student_opt.step(); pipe.update_ema()
+    else:
+        pipe.compute_fake_score_loss(latents, noise, text_embeds)["total"].backward()
+        fake_score_opt.step()
+        if disc is not None:
+            pipe.compute_discriminator_loss(latents, noise, text_embeds)["total"].backward()
+            disc_opt.step()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import DMDConfig
+from ..ema import ExponentialMovingAverage
+from ..features import FeatureCapture, get_feature_capture
+from ..flow_matching import (
+    add_noise,
+    convert_prediction,
+    renoise,
+    rf_alpha,
+    rf_sigma,
+    sample_from_t_list,
+)
+from ..losses import dsm_loss, gan_disc_loss, gan_gen_loss, r1_loss, vsd_loss
+from ..modeling import call_model
+from ..pipeline import DistillationPipeline
+from ..utils import classifier_free_guidance
+
+__all__ = ["DMDPipeline"]
+
+
+@contextlib.contextmanager
+def _params_frozen(module: nn.Module) -> Iterator[None]:
+    """Run a forward whose graph must not reach ``module``'s weights (the autograd graph is built
+    at forward time, so restoring ``requires_grad`` afterwards keeps them out of the backward)."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _batch_pair(key: str, pos: Any, neg: Any, batch: int) -> Any:
+    """Concatenate the positive and negative value of one model kwarg for a batched CFG pass."""
+    if isinstance(pos, torch.Tensor) or isinstance(neg, torch.Tensor):
+        if not (isinstance(pos, torch.Tensor) and isinstance(neg, torch.Tensor)):
+            raise TypeError(f"model kwarg {key!r}: one of positive/negative is not a Tensor")
+        if pos.shape[:1] != (batch,) or neg.shape != pos.shape:
+            raise ValueError(
+                f"batch_cfg needs model kwarg {key!r} as [batch={batch}, ...] for both prompts, "
+                f"got {tuple(pos.shape)} and {tuple(neg.shape)}"
+            )
+        return torch.cat([pos, neg])
+    if pos is not neg and pos != neg:
+        raise ValueError(f"batch_cfg: non-tensor model kwarg {key!r} differs between prompts")
+    return pos
+
+
+class DMDPipeline(DistillationPipeline):
+    """DMD2 loss pipeline.
+
+    Args:
+        student: trainable student, called as
+            ``model(hidden_states=x_t, timestep=t, encoder_hidden_states=..., **model_kwargs)``;
+            returns a Tensor, a tuple whose first item is one, or an object with ``.sample``.
+        teacher: frozen reference with the same call signature (frozen here). With a
+            discriminator, attach feature capture to it first
+            (:func:`fastgen_diffusers.features.attach_feature_capture` or a family plugin).
+        fake_score: trainable auxiliary network (same signature), e.g. from
+            :func:`~fastgen_diffusers.create_fake_score`.
+        config: the :class:`~fastgen_diffusers.DMDConfig`.
+        discriminator: maps ``list[Tensor]`` (captured teacher features) to ``[B, heads]``
+            logits. Required when ``config.gan_loss_weight_gen > 0``.
+        batch_cfg: run the teacher's conditional and unconditional passes as one forward over a
+            doubled batch (same numbers, one launch). Every Tensor in ``model_kwargs`` must then
+            have the batch as its first dimension.
+    """
+
+    config: DMDConfig
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        fake_score: nn.Module,
+        config: DMDConfig,
+        *,
+        discriminator: nn.Module | None = None,
+        batch_cfg: bool = False,
+    ) -> None:
+        if not isinstance(config, DMDConfig):
+            raise TypeError(f"config must be a DMDConfig, got {type(config).__name__}")
+        super().__init__(student, teacher, config)
+        if config.gan_loss_weight_gen > 0 and discriminator is None:
+            raise ValueError(
+                f"gan_loss_weight_gen={config.gan_loss_weight_gen} enables the GAN branch, which "
+                "needs a discriminator: pass discriminator=... or set gan_loss_weight_gen=0"
+            )
+        self.fake_score = fake_score
+        self.discriminator = discriminator
+        self.batch_cfg = batch_cfg
+        self._iteration = 0
+        self._ema = (
+            ExponentialMovingAverage(student, config.ema) if config.ema is not None else None
+        )
+
+    @property
+    def ema(self) -> ExponentialMovingAverage | None:
+        """Reference to the student EMA tracker, if configured."""
+        return self._ema
+
+    @property
+    def gan_enabled(self) -> bool:
+        return self.discriminator is not None and self.config.gan_loss_weight_gen > 0
+
+    # -- model calls ------------------------------------------------------------------------
+
+    def _call(
+        self,
+        model: nn.Module,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        model_kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """Forward ``model`` in the pipeline convention and return its native prediction."""
+        return call_model(
+            model,
+            x_t,
+            t,
+            encoder_hidden_states,
+            model_kwargs,
+            num_train_timesteps=self.config.num_train_timesteps,
+        )
+
+    def _predict_x0(
+        self,
+        model: nn.Module,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        model_kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        raw = self._call(model, x_t, t, encoder_hidden_states, model_kwargs)
+        return convert_prediction(raw, x_t, t, from_type=self.config.pred_type, to_type="x0")
+
+    def _capture(self, which: str) -> FeatureCapture:
+        capture = get_feature_capture(self.teacher)
+        if capture is None:
+            raise RuntimeError(
+                f"The GAN branch ({which}) needs features from the teacher, but no feature "
+                "capture is attached to it: call fastgen_diffusers.features."
+                "attach_feature_capture(teacher, feature_indices=...) or the family plugin's "
+                "attach_feature_capture before computing losses"
+            )
+        return capture
+
+    def _teacher_features(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        model_kwargs: dict[str, Any],
+        which: str,
+    ) -> list[torch.Tensor]:
+        with self._capture(which).record() as features:
+            self._call(self.teacher, x_t, t, encoder_hidden_states, model_kwargs)
+        return features
+
+    # -- student input ----------------------------------------------------------------------
+
+    def _rung_index(self, num_rungs: int, device: torch.device) -> int:
+        """A rung of ``t_list`` drawn on rank 0 and shared by every rank."""
+        index = torch.randint(0, num_rungs, (1,))
+        if dist.is_available() and dist.is_initialized():
+            index = index.to(device)
+            dist.broadcast(index, src=0)
+        return int(index.item())
+
+    def _student_input(
+        self,
+        latents: torch.Tensor | None,
+        noise: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        model_kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, t)`` the student denoises: its first rung, a noised real latent at a random rung,
+        or (``backward_simulation``) its own unrolled trajectory stopped at a random rung."""
+        cfg = self.config
+        batch, device = noise.shape[0], noise.device
+        if cfg.student_sample_steps == 1:
+            max_t = cfg.sample_t_cfg.max_t
+            x = (noise.to(torch.float64) * max_t).to(noise.dtype)
+            return x, torch.full((batch,), max_t, device=device, dtype=torch.float32)
+        t_list = cfg.sample_t_cfg.t_list
+        if cfg.backward_simulation:
+            rung = self._rung_index(len(t_list) - 1, device)
+            x = (noise.to(torch.float64) * t_list[0]).to(noise.dtype)
+            with torch.no_grad():
+                for k in range(rung):
+                    t_k = torch.full((batch,), t_list[k], device=device, dtype=torch.float32)
+                    t_next = torch.full_like(t_k, t_list[k + 1])
+                    x0 = self._predict_x0(self.student, x, t_k, encoder_hidden_states, model_kwargs)
+                    x = renoise(x0, x, t_k, t_next, sample_type=cfg.student_sample_type)
+            return x, torch.full((batch,), t_list[rung], device=device, dtype=torch.float32)
+        if latents is None:
+            raise ValueError(
+                f"student_sample_steps={cfg.student_sample_steps} without backward_simulation "
+                "noises real latents to a rung of t_list: pass latents"
+            )
+        t = sample_from_t_list(batch, t_list, device=device)
+        return add_noise(latents, noise, t), t
+
+    def _check_inputs(self, latents: torch.Tensor | None, noise: torch.Tensor) -> None:
+        if not isinstance(noise, torch.Tensor):
+            raise TypeError(f"noise must be a Tensor, got {type(noise).__name__}")
+        if latents is not None and latents.shape != noise.shape:
+            raise ValueError(
+                f"latents and noise must have the same shape, got {tuple(latents.shape)} and "
+                f"{tuple(noise.shape)}"
+            )
+
+    def _generate(
+        self,
+        latents: torch.Tensor | None,
+        noise: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        model_kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        x, t = self._student_input(latents, noise, encoder_hidden_states, model_kwargs)
+        return self._predict_x0(self.student, x, t, encoder_hidden_states, model_kwargs)
+
+    # -- teacher with CFG -------------------------------------------------------------------
+
+    def _guided_teacher_x0(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        negative_encoder_hidden_states: torch.Tensor | None,
+        guidance_scale: float | None,
+        model_kwargs: dict[str, Any],
+        negative_model_kwargs: dict[str, Any],
+        capture: FeatureCapture | None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Teacher x0 (detached, CFG applied) and, with ``capture``, the conditional pass's
+        features with their graph to ``x_t`` kept."""
+        batch = x_t.shape[0]
+        record = capture.record() if capture is not None else contextlib.nullcontext([])
+        grad = torch.enable_grad() if capture is not None else torch.no_grad()
+        if guidance_scale is not None and self.batch_cfg:
+            keys = set(model_kwargs) | set(negative_model_kwargs)
+            kwargs = {
+                k: _batch_pair(k, model_kwargs.get(k), negative_model_kwargs.get(k), batch)
+                for k in keys
+            }
+            ehs = None
+            if encoder_hidden_states is not None:
+                ehs = _batch_pair(
+                    "encoder_hidden_states",
+                    encoder_hidden_states,
+                    negative_encoder_hidden_states,
+                    batch,
+                )
+            with grad, record as features:
+                both = self._predict_x0(
+                    self.teacher, torch.cat([x_t, x_t.detach()]), torch.cat([t, t]), ehs, kwargs
+                )
+            cond, uncond = both[:batch], both[batch:]
+            features = [f[:batch] for f in features]
+        else:
+            with grad, record as features:
+                cond = self._predict_x0(self.teacher, x_t, t, encoder_hidden_states, model_kwargs)
+            if guidance_scale is not None:
+                with torch.no_grad():
+                    uncond = self._predict_x0(
+                        self.teacher,
+                        x_t.detach(),
+                        t,
+                        negative_encoder_hidden_states,
+                        negative_model_kwargs,
+                    )
+        teacher_x0 = cond
+        if guidance_scale is not None:
+            teacher_x0 = classifier_free_guidance(cond, uncond, guidance_scale)
+        return teacher_x0.detach(), (features if capture is not None else None)
+
+    # -- public API -------------------------------------------------------------------------
+
+    def compute_student_loss(
+        self,
+        latents: torch.Tensor | None,
+        noise: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        *,
+        negative_encoder_hidden_states: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        negative_model_kwargs: dict[str, Any] | None = None,
+        **model_kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        """Compute the student update losses: ``{"vsd", "total"}`` plus ``"gan_gen"`` with GAN.
+
+        Gradient reaches the student only: ``teacher_x0`` is detached, the fake score runs under
+        ``no_grad``, and the discriminator's weights are kept out of the graph. The GAN term
+        reaches the student through the teacher's captured features (the teacher forward keeps
+        its graph; its weights are frozen).
+
+        Args:
+            latents: real clean latents ``x0``; used only by multi-step students without
+                backward simulation (may be ``None`` otherwise).
+            noise: Gaussian noise in the latent layout (same shape as ``latents``).
+            encoder_hidden_states: positive conditioning, passed to all networks.
+            negative_encoder_hidden_states: conditioning of the unconditional teacher pass;
+                required when CFG is on.
+            guidance_scale: overrides ``config.guidance_scale`` for this call.
+            negative_model_kwargs: values replacing ``model_kwargs`` entries in the
+                unconditional teacher pass (negative pooled projections, attention masks).
+            **model_kwargs: forwarded verbatim to student, teacher and fake score.
+        """
+        self._check_inputs(latents, noise)
+        scale = guidance_scale if guidance_scale is not None else self.config.guidance_scale
+        negative_kwargs = {**model_kwargs, **(negative_model_kwargs or {})}
+        if (
+            scale is not None
+            and negative_encoder_hidden_states is None
+            and (encoder_hidden_states is not None or negative_model_kwargs is None)
+        ):
+            raise ValueError(
+                f"guidance_scale={scale} needs negative conditioning: pass "
+                "negative_encoder_hidden_states (or set guidance_scale=None to disable CFG)"
+            )
+        batch = noise.shape[0]
+
+        gen = self._generate(latents, noise, encoder_hidden_states, model_kwargs)
+        t = self.sample_timesteps(batch, device=gen.device)
+        x_t = add_noise(gen, torch.randn_like(gen), t)
+
+        capture = self._capture("student step") if self.gan_enabled else None
+        teacher_x0, features = self._guided_teacher_x0(
+            x_t,
+            t,
+            encoder_hidden_states,
+            negative_encoder_hidden_states,
+            scale,
+            model_kwargs,
+            negative_kwargs,
+            capture,
+        )
+        with torch.no_grad():
+            fake_x0 = self._predict_x0(
+                self.fake_score, x_t.detach(), t, encoder_hidden_states, model_kwargs
+            )
+
+        vsd = vsd_loss(gen, teacher_x0, fake_x0)
+        if features is None:
+            return {"vsd": vsd, "total": vsd}
+        with _params_frozen(self.discriminator):
+            gan_gen = gan_gen_loss(self.discriminator(features))
+        total = vsd + self.config.gan_loss_weight_gen * gan_gen
+        return {"vsd": vsd, "gan_gen": gan_gen, "total": total}
+
+    def compute_fake_score_loss(
+        self,
+        latents: torch.Tensor | None,
+        noise: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        **model_kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        """Fake-score update loss ``{"fake_score", "total"}`` (equal).
+
+        Denoising score matching on the student's samples (generated under ``no_grad``), in
+        ``config.fake_score_pred_type`` space (``None``: ``config.pred_type``). Gradient
+        reaches the fake score only.
+        """
+        self._check_inputs(latents, noise)
+        cfg = self.config
+        with torch.no_grad():
+            gen = self._generate(latents, noise, encoder_hidden_states, model_kwargs)
+            t = self.sample_timesteps(noise.shape[0], device=gen.device)
+            eps = torch.randn_like(gen)
+            x_t = add_noise(gen, eps, t)
+        loss_type = cfg.fake_score_pred_type or cfg.pred_type
+        raw = self._call(self.fake_score, x_t, t, encoder_hidden_states, model_kwargs)
+        pred = convert_prediction(raw, x_t, t, from_type=cfg.pred_type, to_type=loss_type)
+        loss = dsm_loss(loss_type, pred, x0=gen, eps=eps, t=t, alpha_fn=rf_alpha, sigma_fn=rf_sigma)
+        return {"fake_score": loss, "total": loss}
+
+    def compute_discriminator_loss(
+        self,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        **model_kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        """Discriminator update loss ``{"gan_disc", "total"}`` plus ``"r1"`` when R1 is on.
+
+        Student and teacher run under ``no_grad``; gradient reaches the discriminator only.
+        Real latents are noised with their own ``t`` / ``eps`` (shared with the fake branch
+        when ``gan_use_same_t_noise``). The approximate R1 term compares the logits of the
+        noised real input with those of the same input plus ``gan_r1_reg_alpha`` noise, at the
+        same ``t``.
+        """
+        if self.discriminator is None:
+            raise RuntimeError(
+                "compute_discriminator_loss needs a discriminator: pass discriminator=... to "
+                "DMDPipeline"
+            )
+        if latents is None:
+            raise ValueError("compute_discriminator_loss needs real latents for the real branch")
+        self._check_inputs(latents, noise)
+        cfg = self.config
+        batch = noise.shape[0]
+        with torch.no_grad():
+            gen = self._generate(latents, noise, encoder_hidden_states, model_kwargs)
+            t = self.sample_timesteps(batch, device=gen.device)
+            eps = torch.randn_like(gen)
+            fake_features = self._teacher_features(
+                add_noise(gen, eps, t), t, encoder_hidden_states, model_kwargs, "fake branch"
+            )
+            if cfg.gan_use_same_t_noise:
+                t_real, eps_real = t, eps
+            else:
+                t_real = self.sample_timesteps(batch, device=gen.device)
+                eps_real = torch.randn_like(latents)
+            x_real = add_noise(latents, eps_real, t_real)
+            real_features = self._teacher_features(
+                x_real, t_real, encoder_hidden_states, model_kwargs, "real branch"
+            )
+        real_logits = self.discriminator(real_features)
+        fake_logits = self.discriminator(fake_features)
+        gan_disc = gan_disc_loss(real_logits, fake_logits)
+        if cfg.gan_r1_reg_weight <= 0:
+            return {"gan_disc": gan_disc, "total": gan_disc}
+        with torch.no_grad():
+            x_perturbed = x_real + cfg.gan_r1_reg_alpha * torch.randn_like(x_real)
+            perturbed_features = self._teacher_features(
+                x_perturbed, t_real, encoder_hidden_states, model_kwargs, "R1"
+            )
+        r1 = r1_loss(real_logits, self.discriminator(perturbed_features))
+        total = gan_disc + cfg.gan_r1_reg_weight * r1
+        return {"gan_disc": gan_disc, "r1": r1, "total": total}
+
+    def update_ema(self, *, iteration: int | None = None) -> None:
+        """Update the student EMA (no-op without ``config.ema``); call after the student step.
+
+        Without ``iteration`` an internal counter is incremented (the first call is
+        iteration 1).
+        """
+        if self._ema is None:
+            return
+        self._iteration = iteration if iteration is not None else self._iteration + 1
+        self._ema.update(self.student, iteration=self._iteration)

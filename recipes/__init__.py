@@ -1,0 +1,1 @@
+"""Built-in YAML recipes, installed as ``fastgen_diffusers.recipes``."""
