@@ -211,7 +211,7 @@ def attach_feature_capture(
 
     A capture already on ``module`` is replaced.
     """
-    target = next(m for m in unwrap_module(module) if _has_blocks(m, blocks))
+    target = next((m for m in unwrap_module(module) if _has_blocks(m, blocks)), module)
     existing = getattr(target, FEATURE_CAPTURE_ATTR, None)
     if existing is not None:
         existing.remove()

@@ -8,7 +8,7 @@ __all__ = ["classifier_free_guidance", "expand_like"]
 
 
 def expand_like(x: torch.Tensor | float, target: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-sample tensor ``[B]`` to ``[B, 1, ..., 1]`` so it broadcasts against ``target``.
+    """Reshape a per-sample tensor ``[B]`` to ``[B, 1, ..., 1]`` to broadcast against ``target``.
 
     A 0-d tensor or a Python number is returned as a 0-d tensor (it broadcasts as is).
 

@@ -1,0 +1,486 @@
+"""Stable Diffusion 3 / 3.5 plugin: ``SD3Transformer2DModel`` in the pipeline's call convention.
+
+What the family needs (checked against diffusers 0.42):
+
+- The transformer takes ``timestep`` in [0, 1000]: ``StableDiffusion3Pipeline`` passes the
+  scheduler's ``timesteps = sigmas * num_train_timesteps`` (1000). :class:`SD3Wrapper` takes the
+  RF time ``t`` in [0, 1] and multiplies it by 1000 itself (leave
+  ``DistillationConfig.num_train_timesteps`` null).
+- ``pooled_projections`` (the two CLIP pooled embeddings, ``[B, 2048]``) is required besides
+  ``encoder_hidden_states`` (CLIP + T5 tokens, ``[B, 77 + 256, 4096]``); there is no text mask.
+- Latents ``[B, 16, H/8, W/8]`` are normalised as ``(z - shift_factor) * scaling_factor``.
+- ``JointTransformerBlock`` returns ``(encoder_hidden_states, hidden_states)``; the last block is
+  ``context_pre_only`` and returns ``None`` as its text stream. Image tokens come from a
+  ``patch_size`` (2) conv, flattened row-major over the ``(H/p, W/p)`` grid.
+- SD3.5 (``qk_norm="rms_norm"``, ``dual_attention_layers``) uses the same class and the same
+  convention; nothing in this module depends on those keys.
+
+Example::
+
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    import fastgen_diffusers as fgd
+    from fastgen_diffusers.plugins import sd3
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=torch.bfloat16)
+    teacher = sd3.SD3Wrapper(pipe.transformer)
+    student = sd3.SD3Wrapper.from_pretrained(path, torch_dtype=torch.bfloat16)
+    capture = sd3.attach_feature_capture(teacher)  # GAN branch: blocks ~1/3, ~2/3, last
+    disc = sd3.build_discriminator(teacher, capture.feature_indices)
+    cfg = fgd.DMDConfig(guidance_scale=7.0, gan_loss_weight_gen=0.03,
+                        sample_t_cfg={"time_dist_type": "logitnormal"})
+    dmd = fgd.DMDPipeline(student, teacher, fgd.create_fake_score(teacher), cfg,
+                          discriminator=disc)
+
+    emb = sd3.encode_prompt(pipe, ["a cat"], negative_prompt="")
+    latents = sd3.normalize_latents(pipe.vae, pipe.vae.encode(images).latent_dist.sample())
+    losses = dmd.compute_student_loss(
+        latents, torch.randn_like(latents), emb["prompt_embeds"],
+        negative_encoder_hidden_states=emb["negative_prompt_embeds"],
+        negative_model_kwargs={"pooled_projections": emb["negative_pooled_prompt_embeds"]},
+        pooled_projections=emb["pooled_prompt_embeds"],
+    )
+
+    # The distilled student in the stock pipeline (CFG off, the student's rungs):
+    t_list = [0.999, 0.5, 0.0]
+    pipe.transformer = student.transformer
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        sd3.student_scheduler_config(t_list, base_config=pipe.scheduler.config))
+    image = pipe("a cat", **sd3.stock_pipeline_kwargs(t_list)).images[0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from diffusers import SD3Transformer2DModel
+from torch import nn
+
+from ..discriminators import ImageDiTDiscriminator
+from ..features import FeatureCapture, unwrap_module
+from ..features import attach_feature_capture as _attach_feature_capture
+
+__all__ = [
+    "NUM_TRAIN_TIMESTEPS",
+    "SD3Wrapper",
+    "attach_feature_capture",
+    "build_discriminator",
+    "default_feature_indices",
+    "denormalize_latents",
+    "encode_prompt",
+    "latent_shape",
+    "normalize_latents",
+    "stock_pipeline_kwargs",
+    "student_scheduler_config",
+]
+
+# FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000) in every SD3 / SD3.5 checkpoint.
+NUM_TRAIN_TIMESTEPS = 1000
+_TOKEN_GRID_KEY = "sd3_token_grid"
+
+
+class SD3Wrapper(nn.Module):
+    """``SD3Transformer2DModel`` called as ``model(hidden_states=x_t, timestep=t, ...)``.
+
+    Args:
+        transformer: the diffusers transformer (SD3 or SD3.5), held as ``self.transformer``.
+        num_train_timesteps: the transformer's timestep scale (1000 for SD3 / SD3.5).
+
+    ``forward`` takes ``x_t`` as ``[B, C, H, W]`` latents (``H`` and ``W`` multiples of
+    ``patch_size``) and ``t`` in [0, 1], and returns the flow prediction ``eps - x0`` in the
+    same layout, in the transformer's dtype (inputs are cast to it; weights are never cast).
+    """
+
+    def __init__(
+        self, transformer: SD3Transformer2DModel, *, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+    ) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.num_train_timesteps = int(num_train_timesteps)
+        # The range check costs a device sync, so it runs on the first call only: a doubly
+        # scaled t (config.num_train_timesteps set with a wrapper) is wrong from step one.
+        self._timestep_checked = False
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, subfolder: str | None = "transformer", **kwargs: Any
+    ) -> SD3Wrapper:
+        """Load the transformer (``SD3Transformer2DModel.from_pretrained``) and wrap it."""
+        return cls(SD3Transformer2DModel.from_pretrained(path, subfolder=subfolder, **kwargs))
+
+    @property
+    def config(self) -> Any:
+        """The transformer's config."""
+        return self.transformer.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformer's compute dtype (diffusers' ``dtype``, layerwise casting aware)."""
+        return self.transformer.dtype
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.transformer.disable_gradient_checkpointing()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor | None = None,
+        pooled_projections: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Flow prediction for ``x_t`` at RF time ``t`` in [0, 1].
+
+        Args:
+            hidden_states: ``x_t``, ``[B, C, H, W]`` normalised VAE latents.
+            timestep: ``t`` in [0, 1], ``[B]`` (or a scalar / ``[1]``, broadcast).
+            encoder_hidden_states: ``prompt_embeds`` ``[B, L, joint_attention_dim]``.
+            pooled_projections: ``pooled_prompt_embeds`` ``[B, pooled_projection_dim]``.
+            **kwargs: passed to the transformer (``joint_attention_kwargs``, ``skip_layers``,
+                ``block_controlnet_hidden_states``).
+        """
+        if encoder_hidden_states is None or pooled_projections is None:
+            raise ValueError(
+                "SD3Wrapper needs encoder_hidden_states (prompt_embeds) and pooled_projections "
+                "(pooled_prompt_embeds); got "
+                f"encoder_hidden_states={_describe(encoder_hidden_states)}, "
+                f"pooled_projections={_describe(pooled_projections)}"
+            )
+        if hidden_states.ndim != 4:
+            raise ValueError(
+                f"SD3Wrapper expects latents [B, C, H, W], got shape {tuple(hidden_states.shape)}"
+            )
+        patch = self.transformer.config.patch_size
+        height, width = hidden_states.shape[-2:]
+        if height % patch or width % patch:
+            raise ValueError(
+                f"latent height/width ({height}, {width}) must be multiples of patch_size={patch}"
+            )
+        batch = hidden_states.shape[0]
+        t = torch.as_tensor(timestep, device=hidden_states.device).float()
+        if t.ndim == 0 or t.shape == (1,):
+            t = t.reshape(()).expand(batch)
+        elif t.shape != (batch,):
+            raise ValueError(f"timestep must be [B={batch}] or a scalar, got {tuple(t.shape)}")
+        if not self._timestep_checked and not torch.compiler.is_compiling():
+            t_max = float(t.max()) if t.numel() else 0.0
+            if t_max > 1.0 + 1e-4 or float(t.min()) < -1e-4:
+                raise ValueError(
+                    f"SD3Wrapper takes the RF time t in [0, 1] and scales it by "
+                    f"{self.num_train_timesteps} itself; got t in [{float(t.min())}, {t_max}] "
+                    "(leave DistillationConfig.num_train_timesteps null with the wrapper)"
+                )
+            self._timestep_checked = True
+        # The patch-embedding conv takes the latents, so its weight dtype is the compute dtype
+        # (diffusers' layerwise casting skips pos_embed); cheaper than walking every module.
+        dtype = self.transformer.pos_embed.proj.weight.dtype
+        # The stock pipeline passes float32 timesteps (sigma * 1000, computed in float32) to a
+        # model of any dtype; the time embedding casts after the sinusoidal projection.
+        out = self.transformer(
+            hidden_states=hidden_states.to(dtype),
+            timestep=t * float(self.num_train_timesteps),
+            encoder_hidden_states=encoder_hidden_states.to(dtype),
+            pooled_projections=pooled_projections.to(dtype),
+            return_dict=False,
+            **kwargs,
+        )[0]
+        return out
+
+
+def _describe(value: Any) -> str:
+    return "None" if value is None else f"shape {tuple(value.shape)}"
+
+
+# -- feature capture ----------------------------------------------------------------------------
+
+
+def _find_transformer(model: nn.Module) -> nn.Module:
+    """The module holding ``transformer_blocks`` (the wrapper, DDP, compile wrappers unwrapped)."""
+    for module in unwrap_module(model):
+        if isinstance(getattr(module, "transformer_blocks", None), nn.ModuleList):
+            return module
+    raise ValueError(
+        f"{type(model).__name__} holds no SD3 transformer (no .transformer_blocks found through "
+        ".transformer / .module / ._orig_mod)"
+    )
+
+
+def _config_of(source: Any) -> Mapping[str, Any]:
+    if isinstance(source, Mapping):
+        return source
+    if isinstance(source, nn.Module):
+        return _find_transformer(source).config
+    transformer = getattr(source, "transformer", None)  # a pipeline
+    if transformer is not None:
+        return transformer.config
+    raise TypeError(
+        f"Expected an SD3 transformer, SD3Wrapper, pipeline or config, got {type(source).__name__}"
+    )
+
+
+def default_feature_indices(model_or_config: Any) -> tuple[int, ...]:
+    """Blocks at about 1/3, 2/3 and the end of the depth (``num_layers`` int, config or model).
+
+    SD3 / SD3.5 medium (24 layers): ``(7, 15, 23)``; SD3.5 large (38 layers): ``(12, 24, 37)``.
+    """
+    if isinstance(model_or_config, int):
+        num_layers = model_or_config
+    else:
+        num_layers = int(_config_of(model_or_config)["num_layers"])
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    return tuple(sorted({max(round(num_layers * k / 3) - 1, 0) for k in (1, 2, 3)}))
+
+
+def _note_token_grid(transformer: nn.Module) -> Any:
+    patch = int(transformer.config.patch_size)
+
+    def hook(args: tuple, kwargs: dict, capture: FeatureCapture) -> None:
+        latents = kwargs.get("hidden_states", args[0] if args else None)
+        if isinstance(latents, torch.Tensor) and latents.ndim == 4:
+            capture.meta[_TOKEN_GRID_KEY] = (latents.shape[-2] // patch, latents.shape[-1] // patch)
+
+    return hook
+
+
+def _image_tokens_to_map(output: Any, capture: FeatureCapture) -> torch.Tensor:
+    """``(encoder_hidden_states, hidden_states)`` -> image stream as ``[B, C, H/p, W/p]``."""
+    if not (isinstance(output, tuple) and len(output) == 2 and torch.is_tensor(output[1])):
+        raise TypeError(
+            "SD3 feature capture expects a JointTransformerBlock output "
+            f"(encoder_hidden_states, hidden_states), got {type(output).__name__}"
+        )
+    tokens = output[1]
+    grid = capture.meta.get(_TOKEN_GRID_KEY)
+    if grid is None:
+        raise RuntimeError("SD3 feature capture saw no transformer input (token grid unknown)")
+    height, width = grid
+    batch, num_tokens, channels = tokens.shape
+    if num_tokens != height * width:
+        raise ValueError(
+            f"block output has {num_tokens} image tokens, expected {height} x {width} = "
+            f"{height * width} (the token grid of the transformer input)"
+        )
+    # PatchEmbed flattens the conv output row-major: token index = row * width + col.
+    return tokens.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+def attach_feature_capture(
+    model: nn.Module, feature_indices: Sequence[int] | None = None
+) -> FeatureCapture:
+    """Hook ``transformer_blocks[i]`` of an SD3 model (wrapper or raw transformer) for the GAN.
+
+    Each captured feature is the block's image-token stream (the second item of its output;
+    the text stream is ignored) folded back to ``[B, inner_dim, H/p, W/p]`` for ``[B, C, H, W]``
+    latents. ``feature_indices`` defaults to :func:`default_feature_indices`.
+    """
+    transformer = _find_transformer(model)
+    indices = (
+        default_feature_indices(transformer.config) if feature_indices is None else feature_indices
+    )
+    capture = _attach_feature_capture(
+        model, indices, blocks="transformer_blocks", transform=_image_tokens_to_map
+    )
+    capture.add_input_hook(transformer, _note_token_grid(transformer))
+    return capture
+
+
+def build_discriminator(
+    model_or_config: Any,
+    feature_indices: Sequence[int] | None = None,
+    *,
+    hidden_channels: int | None = None,
+) -> ImageDiTDiscriminator:
+    """An :class:`ImageDiTDiscriminator` for the maps :func:`attach_feature_capture` yields.
+
+    Channels are the transformer's inner dim (``num_attention_heads * attention_head_dim``);
+    one head per captured block.
+    """
+    config = _config_of(model_or_config)
+    indices = default_feature_indices(config) if feature_indices is None else feature_indices
+    inner_dim = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    return ImageDiTDiscriminator(inner_dim, len(set(indices)), hidden_channels=hidden_channels)
+
+
+# -- pipeline glue ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_prompt(
+    pipe: Any,
+    prompt: str | list[str],
+    negative_prompt: str | list[str] | None = None,
+    *,
+    prompt_2: str | list[str] | None = None,
+    prompt_3: str | list[str] | None = None,
+    negative_prompt_2: str | list[str] | None = None,
+    negative_prompt_3: str | list[str] | None = None,
+    device: torch.device | str | None = None,
+    num_images_per_prompt: int = 1,
+    max_sequence_length: int = 256,
+    clip_skip: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Positive and negative conditioning through ``StableDiffusion3Pipeline.encode_prompt``.
+
+    Returns ``{"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
+    "negative_pooled_prompt_embeds"}`` (the stock pipeline's own argument names, so
+    ``pipe(**emb)`` works). For the networks: ``encoder_hidden_states=prompt_embeds`` and
+    ``pooled_projections=pooled_prompt_embeds``. SD3 has no text attention mask. A missing
+    ``negative_prompt`` is ``""``, as in the pipeline.
+    """
+    pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+        prompt=prompt,
+        prompt_2=prompt_2,
+        prompt_3=prompt_3,
+        negative_prompt=negative_prompt,
+        negative_prompt_2=negative_prompt_2,
+        negative_prompt_3=negative_prompt_3,
+        device=device,
+        num_images_per_prompt=num_images_per_prompt,
+        do_classifier_free_guidance=True,
+        max_sequence_length=max_sequence_length,
+        clip_skip=clip_skip,
+    )
+    return {
+        "prompt_embeds": pos,
+        "pooled_prompt_embeds": pooled,
+        "negative_prompt_embeds": neg,
+        "negative_pooled_prompt_embeds": neg_pooled,
+    }
+
+
+def _vae_factors(vae: Any) -> tuple[float, float]:
+    config = vae if isinstance(vae, Mapping) else vae.config
+    scaling = config["scaling_factor"]
+    # SD3 VAEs set shift_factor; a VAE without one (None) is treated as unshifted.
+    shift = config.get("shift_factor") or 0.0
+    return float(scaling), float(shift)
+
+
+def normalize_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """VAE posterior sample -> model latents: ``(z - shift_factor) * scaling_factor``.
+
+    ``vae`` is the ``AutoencoderKL`` or its config.
+    """
+    scaling, shift = _vae_factors(vae)
+    return (latents - shift) * scaling
+
+
+def denormalize_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Model latents -> VAE decoder input: ``z / scaling_factor + shift_factor`` (what
+    ``StableDiffusion3Pipeline`` does before ``vae.decode``)."""
+    scaling, shift = _vae_factors(vae)
+    return latents / scaling + shift
+
+
+def latent_shape(
+    source: Any,
+    height: int,
+    width: int,
+    batch_size: int = 1,
+    *,
+    vae_scale_factor: int | None = None,
+) -> tuple[int, int, int, int]:
+    """``(B, in_channels, height / 8, width / 8)`` for an image of ``height x width`` pixels.
+
+    ``source`` is a pipeline (its ``vae_scale_factor`` is used), a transformer / wrapper, or a
+    transformer config (``vae_scale_factor`` defaults to 8, the SD3 VAE). Like the pipeline's
+    ``check_inputs``, ``height`` and ``width`` must be multiples of ``vae_scale_factor *
+    patch_size``.
+    """
+    config = _config_of(source)
+    if vae_scale_factor is None:
+        vae_scale_factor = int(getattr(source, "vae_scale_factor", 8))
+    multiple = vae_scale_factor * int(config["patch_size"])
+    if height % multiple or width % multiple:
+        raise ValueError(
+            f"height and width must be multiples of {multiple} (vae_scale_factor * patch_size), "
+            f"got {height} and {width}"
+        )
+    return (
+        int(batch_size),
+        int(config["in_channels"]),
+        height // vae_scale_factor,
+        width // vae_scale_factor,
+    )
+
+
+# -- stock-pipeline inference -------------------------------------------------------------------
+
+
+def _check_t_list(t_list: Sequence[float]) -> list[float]:
+    values = [float(t) for t in t_list]
+    if len(values) < 2 or values[-1] != 0.0 or any(a <= b for a, b in zip(values, values[1:])):
+        raise ValueError(
+            f"t_list={values} must be strictly decreasing, hold at least one rung, and end with 0.0"
+        )
+    if not 0.0 < values[0] <= 1.0:
+        raise ValueError(f"t_list={values} must start in (0, 1]")
+    return values
+
+
+def student_scheduler_config(
+    t_list: Sequence[float],
+    sample_type: str = "ode",
+    base_config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A ``FlowMatchEulerDiscreteScheduler`` config under which ``StableDiffusion3Pipeline``,
+    called with :func:`stock_pipeline_kwargs`, visits exactly the student's rungs.
+
+    ``set_timesteps(sigmas=...)`` shifts custom sigmas (statically with ``shift``, or
+    dynamically with ``mu``), stretches them with ``shift_terminal`` and may convert them to
+    Karras / exponential / beta; all of that is switched off here, so the sigmas stay
+    ``t_list[:-1]`` and the scheduler appends the final ``0.0``. The transformer then sees
+    ``timestep = 1000 * t``. ``sample_type="ode"`` gives Euler steps (the same as
+    :func:`~fastgen_diffusers.sampling.sample_student`'s ODE transition); ``"sde"`` sets
+    ``stochastic_sampling=True`` (predict x0, re-noise with fresh noise).
+
+    The schedule itself cannot live in the config (``num_inference_steps`` alone gives
+    ``linspace(1, sigma_min)``): pass ``sigmas`` as :func:`stock_pipeline_kwargs` does.
+    ``base_config`` (e.g. the teacher's ``scheduler.config``) keeps its other keys. Save the
+    result as ``scheduler/scheduler_config.json`` of the exported student.
+    """
+    _check_t_list(t_list)
+    if sample_type not in ("ode", "sde"):
+        raise ValueError(f"sample_type={sample_type!r}; expected 'ode' or 'sde'")
+    config = {k: v for k, v in dict(base_config or {}).items() if not k.startswith("_")}
+    config.update(
+        _class_name="FlowMatchEulerDiscreteScheduler",
+        num_train_timesteps=int(config.get("num_train_timesteps") or NUM_TRAIN_TIMESTEPS),
+        shift=1.0,
+        use_dynamic_shifting=False,
+        shift_terminal=None,
+        use_karras_sigmas=False,
+        use_exponential_sigmas=False,
+        use_beta_sigmas=False,
+        invert_sigmas=False,
+        stochastic_sampling=sample_type == "sde",
+    )
+    return config
+
+
+def stock_pipeline_kwargs(t_list: Sequence[float]) -> dict[str, Any]:
+    """Call arguments making ``StableDiffusion3Pipeline`` run the distilled student's schedule.
+
+    ``{"num_inference_steps": N, "sigmas": t_list[:-1], "guidance_scale": 1.0}`` (CFG off:
+    the student is distilled with guidance). Use with a scheduler built from
+    :func:`student_scheduler_config`.
+
+    The pipeline starts from unscaled noise ``x = noise``, while
+    :func:`~fastgen_diffusers.sampling.sample_student` starts at ``t_list[0] * noise``; pass
+    ``latents=t_list[0] * noise`` to reproduce it exactly. For ``sde`` the pipeline does not
+    hand its ``generator`` to ``scheduler.step``, so the fresh noise comes from the global RNG:
+    ``torch.manual_seed(s)`` before the call matches ``sample_student(...,
+    generator=torch.Generator(device).manual_seed(s))`` (given explicit ``latents``).
+    """
+    values = _check_t_list(t_list)
+    return {
+        "num_inference_steps": len(values) - 1,
+        "sigmas": values[:-1],
+        "guidance_scale": 1.0,
+    }

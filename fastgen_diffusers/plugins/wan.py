@@ -1,0 +1,894 @@
+"""Wan 2.1 / 2.2 plugin: ``WanTransformer3DModel`` in the pipeline's call convention.
+
+What the family needs (checked against diffusers 0.42):
+
+- The transformer takes ``timestep`` in [0, 1000]: ``WanPipeline`` passes the scheduler's
+  ``timesteps = sigmas * num_train_timesteps`` (1000). :class:`WanWrapper` takes the RF time
+  ``t`` in [0, 1] and multiplies it by 1000 itself (leave
+  ``DistillationConfig.num_train_timesteps`` null).
+- Latents are video ``[B, C, F, H, W]``; ``patch_size`` is ``(1, 2, 2)``, so the image tokens are
+  the ``(F, H/2, W/2)`` grid flattened frame-major then row-major. ``WanTransformerBlock``
+  returns the video-token stream only (the text is read by cross-attention, never updated).
+- Wan 2.2 TI2V-5B pipelines set ``expand_timesteps=True``: the timestep becomes per-token
+  ``[B, F * H/2 * W/2]``; with an image (``WanImageToVideoPipeline``) the first latent frame is
+  the VAE latent of the image, fed at ``t = 0`` and put back into the result after the loop.
+  :class:`WanWrapper` (``expand_timesteps=True`` plus ``condition_latents``) does the same and
+  returns, for that frame, the flow whose x0 is the condition (``(x_t - cond) / t``), so every
+  loss sees the conditioning frame as clean.
+- Wan 2.1 I2V / Wan 2.2 I2V-A14B concatenate ``[mask (4 ch), condition latents]`` (``in_channels
+  = 36``, ``out_channels = 16``) to the noisy latents along channels; Wan 2.1 I2V also takes
+  CLIP image embeddings (``image_dim``, ``added_kv_proj_dim``) as ``encoder_hidden_states_image``
+  and then hard-codes 512 text tokens (the attention splits the context at ``len - 512``). No
+  frame is kept at ``t = 0`` there.
+- VAE (``AutoencoderKLWan``) latents are normalised per channel with the config's
+  ``latents_mean`` / ``latents_std``: ``(z - mean) * (1 / std)``; decoding undoes it.
+- ``_keep_in_fp32_modules`` keeps the time embedder, norms, modulation tables and rope in fp32
+  when the model loads in bf16: the wrapper feeds inputs in ``transformer.dtype`` (bf16) and a
+  float32 timestep, as the stock pipeline does, and returns the transformer's dtype.
+
+Example::
+
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    import fastgen_diffusers as fgd
+    from fastgen_diffusers.plugins import wan
+
+    pipe = WanPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)
+    teacher = wan.WanWrapper.from_pipeline(pipe)
+    student = wan.WanWrapper.from_pretrained(path, torch_dtype=torch.bfloat16)
+    emb = wan.encode_prompt(pipe, ["a cat surfing"], negative_prompt="")
+    latents = wan.normalize_latents(pipe.vae, pipe.vae.encode(videos).latent_dist.sample())
+
+    capture = wan.attach_feature_capture(teacher)  # GAN branch, [15, 22, 29] for 30 layers
+    disc = wan.build_discriminator(teacher, capture.feature_indices)
+    dmd = fgd.DMDPipeline(student, teacher, fgd.create_fake_score(teacher), cfg,
+                          discriminator=disc)
+    losses = dmd.compute_student_loss(
+        latents, torch.randn_like(latents), emb["prompt_embeds"],
+        negative_encoder_hidden_states=emb["negative_prompt_embeds"],
+        # image-to-video: **wan.prepare_image_condition(i2v_pipe, image, height, width, frames)
+    )
+
+    # Inference of the exported student with the stock pipeline (no `sigmas` argument there):
+    t_list = [0.999, 0.833, 0.0]
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        wan.student_scheduler_config(t_list, base_config=pipe.scheduler.config))
+    video = pipe("a cat surfing", **wan.stock_pipeline_kwargs(t_list)).frames[0]
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from torch import nn
+
+from ..discriminators import VideoDiTDiscriminator
+from ..features import FeatureCapture, unwrap_module
+from ..features import attach_feature_capture as _attach_feature_capture
+
+__all__ = [
+    "DEFAULT_FEATURE_INDICES",
+    "NUM_TRAIN_TIMESTEPS",
+    "WAN_TEXT_TOKENS_WITH_IMAGE",
+    "WanWrapper",
+    "attach_feature_capture",
+    "build_discriminator",
+    "closest_reachable_t_list",
+    "default_feature_indices",
+    "denormalize_latents",
+    "encode_prompt",
+    "latent_shape",
+    "normalize_latents",
+    "pipeline_t_list",
+    "prepare_image_condition",
+    "stock_pipeline_kwargs",
+    "student_scheduler_config",
+]
+
+# Every Wan checkpoint's scheduler has num_train_timesteps=1000; the transformer was trained on
+# timesteps in [0, 1000].
+NUM_TRAIN_TIMESTEPS = 1000
+# Blocks the GAN branch reads on the 30-layer Wan 2.2 TI2V-5B (FastGen's choice).
+DEFAULT_FEATURE_INDICES: tuple[int, ...] = (15, 22, 29)
+# WanAttnProcessor splits the cross-attention context at `len - 512` when the model has image
+# projections (added_kv_proj_dim): the text part must be exactly 512 tokens.
+WAN_TEXT_TOKENS_WITH_IMAGE = 512
+_TOKEN_GRID_KEY = "wan_token_grid"
+_CLAMP = 1e-6
+
+
+class WanWrapper(nn.Module):
+    """``WanTransformer3DModel`` called as ``model(hidden_states=x_t, timestep=t, ...)``.
+
+    Args:
+        transformer: the diffusers transformer (Wan 2.1 / 2.2, T2V / I2V / TI2V), held as
+            ``self.transformer``.
+        expand_timesteps: the pipeline's ``expand_timesteps`` (True for Wan 2.2 TI2V-5B):
+            per-token timesteps, and with ``condition_latents`` the first latent frame is the
+            condition at ``t = 0``. :meth:`from_pretrained` / :meth:`from_pipeline` read it.
+        num_train_timesteps: the transformer's timestep scale (1000).
+
+    ``forward`` takes ``x_t`` as ``[B, C, F, H, W]`` normalised latents (``H``, ``W`` multiples
+    of the patch size) and ``t`` in [0, 1], and returns the flow prediction ``eps - x0`` in the
+    latent layout (``out_channels``), in the transformer's dtype. Inputs are cast to it; weights
+    are never cast.
+    """
+
+    def __init__(
+        self,
+        transformer: WanTransformer3DModel,
+        *,
+        expand_timesteps: bool = False,
+        num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+    ) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.expand_timesteps = bool(expand_timesteps)
+        self.num_train_timesteps = int(num_train_timesteps)
+        # The range check syncs the device, so it runs on the first call only: a doubly scaled
+        # t (config.num_train_timesteps set with a wrapper) is wrong from step one.
+        self._timestep_checked = False
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        subfolder: str | None = "transformer",
+        *,
+        expand_timesteps: bool | None = None,
+        **kwargs: Any,
+    ) -> WanWrapper:
+        """Load ``WanTransformer3DModel.from_pretrained(path, subfolder=...)`` and wrap it.
+
+        ``expand_timesteps=None`` reads it from the pipeline's ``model_index.json`` under
+        ``path`` (absent there, or no pipeline folder: ``False``, the Wan 2.1 / A14B setting).
+        """
+        transformer = WanTransformer3DModel.from_pretrained(path, subfolder=subfolder, **kwargs)
+        if expand_timesteps is None:
+            expand_timesteps = _read_expand_timesteps(path, kwargs)
+        return cls(transformer, expand_timesteps=expand_timesteps)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, *, transformer: str = "transformer") -> WanWrapper:
+        """Wrap ``pipe.transformer`` (or ``pipe.transformer_2``) with the pipeline's
+        ``expand_timesteps``."""
+        return cls(
+            getattr(pipe, transformer),
+            expand_timesteps=bool(getattr(pipe.config, "expand_timesteps", False)),
+        )
+
+    @property
+    def config(self) -> Any:
+        """The transformer's config."""
+        return self.transformer.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        # diffusers' dtype skips _keep_in_fp32_modules and honours layerwise casting: the
+        # compute dtype of a bf16 load is bf16 although some weights are fp32.
+        return self.transformer.dtype
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.transformer.disable_gradient_checkpointing()
+
+    def _check_t(
+        self, timestep: torch.Tensor | float, batch: int, device: torch.device
+    ) -> torch.Tensor:
+        t = torch.as_tensor(timestep, device=device).float()
+        if t.ndim == 0 or t.shape == (1,):
+            t = t.reshape(()).expand(batch)
+        elif t.shape != (batch,):
+            raise ValueError(f"timestep must be [B={batch}] or a scalar, got {tuple(t.shape)}")
+        if not self._timestep_checked and not torch.compiler.is_compiling():
+            t_min, t_max = float(t.min()), float(t.max())
+            if t_max > 1.0 + 1e-4 or t_min < -1e-4:
+                raise ValueError(
+                    f"WanWrapper takes the RF time t in [0, 1] and scales it by "
+                    f"{self.num_train_timesteps} itself; got t in [{t_min}, {t_max}] "
+                    "(leave DistillationConfig.num_train_timesteps null with the wrapper)"
+                )
+            self._timestep_checked = True
+        return t
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        condition_latents: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Flow prediction for ``x_t`` at RF time ``t`` in [0, 1].
+
+        Args:
+            hidden_states: ``x_t``, ``[B, C, F, H, W]`` normalised VAE latents
+                (``C = out_channels``).
+            timestep: ``t`` in [0, 1], ``[B]`` (or a scalar / ``[1]``, broadcast).
+            encoder_hidden_states: ``prompt_embeds`` ``[B, L, text_dim]`` (umT5, L = 512 as the
+                pipeline pads them; exactly 512 for models with image projections).
+            encoder_hidden_states_image: CLIP image embeddings ``[B, 257, image_dim]`` for
+                Wan 2.1 I2V (``pipe.encode_image``); ``None`` otherwise.
+            condition_latents: image conditioning as ``WanImageToVideoPipeline.prepare_latents``
+                builds it (see :func:`prepare_image_condition`): with ``expand_timesteps`` the
+                normalised latent of the first frame ``[B, C, 1, H, W]`` (extra frames are
+                ignored); for concat models (``in_channels > out_channels``)
+                ``[B, in_channels - out_channels, F, H, W]`` (frame mask + condition latents).
+            **kwargs: passed to the transformer (e.g. ``attention_kwargs``).
+        """
+        if encoder_hidden_states is None:
+            raise ValueError("WanWrapper needs encoder_hidden_states (umT5 prompt_embeds)")
+        if hidden_states.ndim != 5:
+            raise ValueError(
+                f"WanWrapper expects video latents [B, C, F, H, W], got shape "
+                f"{tuple(hidden_states.shape)}"
+            )
+        kwargs.pop("return_dict", None)
+        config = self.transformer.config
+        p_t, p_h, p_w = (int(p) for p in config.patch_size)
+        batch, channels, frames, height, width = hidden_states.shape
+        if frames % p_t or height % p_h or width % p_w:
+            raise ValueError(
+                f"latent frames/height/width ({frames}, {height}, {width}) must be multiples of "
+                f"patch_size={tuple(config.patch_size)}"
+            )
+        t = self._check_t(timestep, batch, hidden_states.device)
+        dtype = self.dtype
+        # float32 timesteps of sigma * 1000 computed in float32, as the stock pipeline passes
+        # them (scheduler.timesteps) to a model of any dtype.
+        t_model = t * float(self.num_train_timesteps)
+        x_in = hidden_states
+        first_frame_cond = None
+        if self.expand_timesteps:
+            grid = (frames // p_t, height // p_h, width // p_w)
+            frame_tokens = grid[1] * grid[2]
+            token_t = torch.ones(batch, math.prod(grid), device=t.device, dtype=torch.float32)
+            if condition_latents is not None:
+                if p_t != 1:
+                    raise ValueError(f"a first-frame condition needs patch_size[0] == 1, got {p_t}")
+                first_frame_cond = self._first_frame_condition(condition_latents, hidden_states)
+                # WanImageToVideoPipeline: input = (1 - mask) * cond + mask * latents, and
+                # per-token t = mask * t, the mask being 0 on the first latent frame.
+                x_in = torch.cat([first_frame_cond.to(x_in.dtype), x_in[:, :, 1:]], dim=2)
+                token_t[:, :frame_tokens] = 0.0
+            t_model = token_t * t_model[:, None]
+        elif condition_latents is not None:
+            expected = int(config.in_channels) - channels
+            if expected <= 0:
+                raise ValueError(
+                    "condition_latents given, but this Wan model takes no concatenated "
+                    f"condition (in_channels={config.in_channels}, latents have {channels} "
+                    "channels) and expand_timesteps=False; for Wan 2.2 TI2V-5B build the wrapper "
+                    "with expand_timesteps=True (WanWrapper.from_pipeline / from_pretrained)"
+                )
+            if condition_latents.shape != (batch, expected, frames, height, width):
+                raise ValueError(
+                    f"condition_latents must be [B, in_channels - C, F, H, W] = "
+                    f"{(batch, expected, frames, height, width)} (frame mask + condition "
+                    f"latents, from prepare_image_condition), got {tuple(condition_latents.shape)}"
+                )
+            x_in = torch.cat([x_in, condition_latents.to(x_in.dtype)], dim=1)
+        if x_in.shape[1] != int(config.in_channels):
+            raise ValueError(
+                f"the transformer takes {config.in_channels} input channels, got {x_in.shape[1]}"
+                + (
+                    " (an image-to-video model: pass condition_latents from "
+                    "prepare_image_condition)"
+                    if int(config.in_channels) > channels
+                    else ""
+                )
+            )
+        if config.added_kv_proj_dim is not None:
+            if encoder_hidden_states_image is None:
+                raise ValueError(
+                    "this Wan model has image projections (added_kv_proj_dim="
+                    f"{config.added_kv_proj_dim}): pass encoder_hidden_states_image "
+                    "(CLIP embeddings, see prepare_image_condition)"
+                )
+            if encoder_hidden_states.shape[1] != WAN_TEXT_TOKENS_WITH_IMAGE:
+                raise ValueError(
+                    f"Wan I2V attention splits the context at len - {WAN_TEXT_TOKENS_WITH_IMAGE}"
+                    f": prompt embeddings must have {WAN_TEXT_TOKENS_WITH_IMAGE} tokens (pad as "
+                    f"the pipeline does), got {encoder_hidden_states.shape[1]}"
+                )
+        if encoder_hidden_states_image is not None:
+            encoder_hidden_states_image = encoder_hidden_states_image.to(dtype)
+        out = self.transformer(
+            hidden_states=x_in.to(dtype),
+            timestep=t_model,
+            encoder_hidden_states=encoder_hidden_states.to(dtype),
+            encoder_hidden_states_image=encoder_hidden_states_image,
+            return_dict=False,
+            **kwargs,
+        )[0]
+        if first_frame_cond is not None:
+            # The pipeline overwrites the first frame with the condition after the loop; the
+            # flow (x_t - cond) / t makes x0 = cond there, and Euler steps on it keep
+            # (x - cond) / t constant so they also end exactly on cond.
+            x_first = hidden_states[:, :, :1].float()
+            t_b = t.reshape(batch, 1, 1, 1, 1).clamp_min(_CLAMP)
+            flow_first = ((x_first - first_frame_cond.float()) / t_b).to(out.dtype)
+            out = torch.cat([flow_first, out[:, :, 1:]], dim=2)
+        return out
+
+    @staticmethod
+    def _first_frame_condition(condition: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        batch, channels, _, height, width = latents.shape
+        if (
+            condition.ndim != 5
+            or condition.shape[0] != batch
+            or condition.shape[1] != channels
+            or condition.shape[3:] != (height, width)
+        ):
+            raise ValueError(
+                "with expand_timesteps, condition_latents must be the normalised latent of the "
+                f"first frame [B, C, 1, H, W] = {(batch, channels, 1, height, width)}, got "
+                f"{tuple(condition.shape)}"
+            )
+        return condition[:, :, :1]
+
+
+def _read_expand_timesteps(path: str, kwargs: Mapping[str, Any]) -> bool:
+    """``expand_timesteps`` from the pipeline's ``model_index.json`` (False if there is none)."""
+    from diffusers import DiffusionPipeline
+
+    load_keys = ("cache_dir", "revision", "token", "local_files_only", "proxies")
+    try:
+        index = DiffusionPipeline.load_config(
+            path, **{k: kwargs[k] for k in load_keys if k in kwargs}
+        )
+    except (OSError, ValueError):
+        return False
+    return bool(index.get("expand_timesteps", False))
+
+
+# -- feature capture ----------------------------------------------------------------------------
+
+
+def _find_transformer(model: nn.Module) -> WanTransformer3DModel:
+    """The ``WanTransformer3DModel`` inside ``model`` (wrapper, DDP, compile unwrapped)."""
+    for module in unwrap_module(model):
+        if isinstance(module, WanTransformer3DModel):
+            return module
+    raise ValueError(
+        f"{type(model).__name__} holds no WanTransformer3DModel (looked through .transformer / "
+        ".module / ._orig_mod)"
+    )
+
+
+def _config_of(source: Any) -> Mapping[str, Any]:
+    if isinstance(source, Mapping):
+        return source
+    if isinstance(source, nn.Module):
+        return _find_transformer(source).config
+    transformer = getattr(source, "transformer", None)  # a pipeline
+    if transformer is not None:
+        return transformer.config
+    raise TypeError(
+        f"Expected a Wan transformer, WanWrapper, pipeline or config, got {type(source).__name__}"
+    )
+
+
+def default_feature_indices(model_or_config: Any) -> tuple[int, ...]:
+    """Blocks at the middle, three quarters and the end of the depth.
+
+    ``num_layers`` (int, config, model or pipeline) 30 (Wan 2.2 TI2V-5B, Wan 2.1 1.3B):
+    ``(15, 22, 29)``; 40 (the 14B models): ``(20, 29, 39)``; fewer layers give fewer, distinct
+    blocks.
+    """
+    if isinstance(model_or_config, int):
+        num_layers = model_or_config
+    else:
+        num_layers = int(_config_of(model_or_config)["num_layers"])
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    middle, last = num_layers // 2, num_layers - 1
+    return tuple(sorted({middle, (middle + last) // 2, last}))
+
+
+def _note_token_grid(transformer: WanTransformer3DModel) -> Any:
+    p_t, p_h, p_w = (int(p) for p in transformer.config.patch_size)
+
+    def hook(args: tuple, kwargs: dict, capture: FeatureCapture) -> None:
+        latents = kwargs.get("hidden_states", args[0] if args else None)
+        if isinstance(latents, torch.Tensor) and latents.ndim == 5:
+            _, _, frames, height, width = latents.shape
+            capture.meta[_TOKEN_GRID_KEY] = (frames // p_t, height // p_h, width // p_w)
+
+    return hook
+
+
+def _video_tokens_to_map(output: Any, capture: FeatureCapture) -> torch.Tensor:
+    """``WanTransformerBlock`` output ``[B, F'H'W', D]`` -> ``[B, D, F', H', W']``."""
+    if not isinstance(output, torch.Tensor) or output.ndim != 3:
+        raise TypeError(
+            "Wan feature capture expects a WanTransformerBlock output [B, tokens, dim], got "
+            f"{type(output).__name__}"
+            + (f" of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else "")
+        )
+    grid = capture.meta.get(_TOKEN_GRID_KEY)
+    if grid is None:
+        raise RuntimeError("Wan feature capture saw no transformer input (token grid unknown)")
+    frames, height, width = grid
+    batch, num_tokens, channels = output.shape
+    if num_tokens != frames * height * width:
+        raise ValueError(
+            f"block output has {num_tokens} video tokens, expected {frames} x {height} x {width} "
+            f"= {frames * height * width} (the token grid of the transformer input)"
+        )
+    # patch_embedding (Conv3d) output [B, D, F', H', W'] is flatten(2)-ed: frame-major, then
+    # row-major, so the inverse is a reshape to the grid.
+    return output.reshape(batch, frames, height, width, channels).permute(0, 4, 1, 2, 3)
+
+
+def attach_feature_capture(
+    model: nn.Module, feature_indices: Sequence[int] | None = None
+) -> FeatureCapture:
+    """Hook ``blocks[i]`` of a Wan model (wrapper or raw transformer) for the GAN branch.
+
+    Each captured feature is the block's video-token output folded back to
+    ``[B, inner_dim, F/p_t, H/p_h, W/p_w]`` (``[B, D, F, H/2, W/2]`` for Wan), for any (also
+    non-square) latent size. ``feature_indices`` defaults to :func:`default_feature_indices`
+    (``[15, 22, 29]`` for 30 layers). The capture lives on the transformer, so
+    :func:`~fastgen_diffusers.features.get_feature_capture` finds it through the wrapper.
+    """
+    transformer = _find_transformer(model)
+    indices = (
+        default_feature_indices(transformer.config) if feature_indices is None else feature_indices
+    )
+    capture = _attach_feature_capture(
+        transformer, indices, blocks="blocks", transform=_video_tokens_to_map
+    )
+    capture.add_input_hook(transformer, _note_token_grid(transformer))
+    return capture
+
+
+def build_discriminator(
+    model_or_config: Any,
+    feature_indices: Sequence[int] | None = None,
+    *,
+    hidden_channels: int | None = None,
+) -> VideoDiTDiscriminator:
+    """A :class:`VideoDiTDiscriminator` for the maps :func:`attach_feature_capture` yields.
+
+    Channels are the transformer's inner dim (``num_attention_heads * attention_head_dim``,
+    3072 for TI2V-5B); one head per captured block.
+    """
+    config = _config_of(model_or_config)
+    indices = default_feature_indices(config) if feature_indices is None else feature_indices
+    inner_dim = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    return VideoDiTDiscriminator(inner_dim, len(set(indices)), hidden_channels=hidden_channels)
+
+
+# -- pipeline glue ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_prompt(
+    pipe: Any,
+    prompt: str | list[str],
+    negative_prompt: str | list[str] | None = None,
+    *,
+    device: torch.device | str | None = None,
+    num_videos_per_prompt: int = 1,
+    max_sequence_length: int = 512,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Positive and negative conditioning through the Wan pipeline's own ``encode_prompt``.
+
+    Returns ``{"prompt_embeds", "negative_prompt_embeds"}`` (``[B, max_sequence_length,
+    text_dim]``, zero-padded after each prompt's tokens; the stock pipeline's argument names,
+    so ``pipe(**emb)`` works). ``max_sequence_length=512`` is what ``WanPipeline.__call__``
+    uses (``encode_prompt`` itself defaults to 226) and what I2V models require. A missing
+    ``negative_prompt`` is ``""``, as in the pipeline. Wan has no pooled embeddings or masks.
+    """
+    pos, neg = pipe.encode_prompt(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        do_classifier_free_guidance=True,
+        num_videos_per_prompt=num_videos_per_prompt,
+        max_sequence_length=max_sequence_length,
+        device=device,
+        dtype=dtype,
+    )
+    return {"prompt_embeds": pos, "negative_prompt_embeds": neg}
+
+
+@torch.no_grad()
+def prepare_image_condition(
+    pipe: Any,
+    image: Any,
+    height: int,
+    width: int,
+    num_frames: int = 81,
+    batch_size: int = 1,
+    *,
+    last_image: Any = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """The image conditioning of a ``WanImageToVideoPipeline`` as :class:`WanWrapper` kwargs.
+
+    Runs the pipeline's own steps (``encode_image`` when the transformer has ``image_dim``,
+    ``video_processor.preprocess``, ``prepare_latents``: VAE encode with the argmax latent and
+    per-channel normalisation) and returns ``{"condition_latents": ...}`` plus
+    ``"encoder_hidden_states_image"`` for Wan 2.1 I2V. With ``expand_timesteps`` (TI2V-5B) the
+    condition is the first frame's latent ``[B, C, 1, H, W]``; otherwise it is ``[B, 4 + C, F,
+    H, W]`` (frame mask, then the latents of the image followed by zero frames).
+    """
+    device = torch.device(device) if device is not None else pipe._execution_device
+    transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
+    out: dict[str, torch.Tensor] = {}
+    if transformer.config.image_dim is not None:
+        images = image if last_image is None else [image, last_image]
+        embeds = pipe.encode_image(images, device).repeat(batch_size, 1, 1)
+        out["encoder_hidden_states_image"] = embeds.to(transformer.dtype)
+    shape = latent_shape(pipe, height, width, num_frames, batch_size)
+    pixels = pipe.video_processor.preprocess(image, height=height, width=width)
+    pixels = pixels.to(device, dtype=torch.float32)
+    if last_image is not None:
+        last_image = pipe.video_processor.preprocess(last_image, height=height, width=width)
+        last_image = last_image.to(device, dtype=torch.float32)
+    # Placeholder latents: prepare_latents would otherwise draw noise from `generator`.
+    placeholder = torch.zeros(shape, device=device, dtype=torch.float32)
+    prepared = pipe.prepare_latents(
+        pixels,
+        batch_size,
+        pipe.vae.config.z_dim,
+        height,
+        width,
+        num_frames,
+        torch.float32,
+        device,
+        generator,
+        placeholder,
+        last_image,
+    )
+    out["condition_latents"] = prepared[1]
+    return out
+
+
+def _latent_stats(
+    vae: Any, latents: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(latents, mean, 1 / std)`` the way the Wan pipelines build them (cast, then invert)."""
+    config = vae if isinstance(vae, Mapping) else vae.config
+    if isinstance(vae, nn.Module):
+        # Decoding casts to the VAE's device and dtype first (pipeline_wan.py, output step).
+        latents = latents.to(device=next(vae.parameters()).device, dtype=vae.dtype)
+    z_dim = int(config["z_dim"])
+    if latents.ndim != 5 or latents.shape[1] != z_dim:
+        raise ValueError(
+            f"Wan VAE latents must be [B, z_dim={z_dim}, F, H, W], got {tuple(latents.shape)}"
+        )
+    shape = (1, z_dim, 1, 1, 1)
+    mean = torch.tensor(config["latents_mean"]).view(shape).to(latents.device, latents.dtype)
+    inv_std = 1.0 / torch.tensor(config["latents_std"]).view(shape).to(
+        latents.device, latents.dtype
+    )
+    return latents, mean, inv_std
+
+
+def normalize_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents -> model latents: ``(z - latents_mean) * (1 / latents_std)`` per channel.
+
+    ``vae`` is the ``AutoencoderKLWan`` or its config. The arithmetic is the pipeline's
+    (``WanImageToVideoPipeline.prepare_latents``), in ``latents``' dtype.
+    """
+    config = vae if isinstance(vae, Mapping) else vae.config
+    _, mean, inv_std = _latent_stats(config, latents)
+    return (latents - mean) * inv_std
+
+
+def denormalize_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Model latents -> VAE decoder input: ``z / (1 / latents_std) + latents_mean``.
+
+    Exactly what ``WanPipeline`` does before ``vae.decode``; given the VAE module (not just its
+    config) the latents are first moved to its device and dtype, as there.
+    """
+    latents, mean, inv_std = _latent_stats(vae, latents)
+    return latents / inv_std + mean
+
+
+def latent_shape(
+    source: Any,
+    height: int,
+    width: int,
+    num_frames: int = 81,
+    batch_size: int = 1,
+    *,
+    vae_scale_factor_spatial: int | None = None,
+    vae_scale_factor_temporal: int | None = None,
+) -> tuple[int, int, int, int, int]:
+    """``(B, C, (num_frames - 1) / 4 + 1, height / s, width / s)`` for a video in pixels.
+
+    ``source`` is a pipeline (its VAE's scale factors and ``z_dim``), a transformer / wrapper or
+    a transformer config (``C = out_channels``; ``s`` defaults to 16 for the 48-channel Wan 2.2
+    VAE and to 8 otherwise, the temporal factor to 4). Unlike the pipeline, which rounds with a
+    warning, sizes it would round are errors: ``num_frames - 1`` must be a multiple of the
+    temporal factor and ``height`` / ``width`` multiples of ``s * patch_size``.
+    """
+    config = _config_of(source)
+    vae = getattr(source, "vae", None)
+    if vae is not None:
+        channels = int(vae.config.z_dim)
+    else:
+        channels = int(config["out_channels"] or config["in_channels"])
+    if vae_scale_factor_spatial is None:
+        vae_scale_factor_spatial = getattr(source, "vae_scale_factor_spatial", None)
+        if vae_scale_factor_spatial is None:
+            vae_scale_factor_spatial = 16 if channels == 48 else 8
+    if vae_scale_factor_temporal is None:
+        vae_scale_factor_temporal = getattr(source, "vae_scale_factor_temporal", 4)
+    spatial, temporal = int(vae_scale_factor_spatial), int(vae_scale_factor_temporal)
+    p_t, p_h, p_w = (int(p) for p in config["patch_size"])
+    if height % (spatial * p_h) or width % (spatial * p_w):
+        raise ValueError(
+            f"height and width must be multiples of {spatial * p_h} x {spatial * p_w} "
+            f"(VAE scale factor * patch_size), got {height} x {width}"
+        )
+    if num_frames < 1 or (num_frames - 1) % temporal:
+        raise ValueError(
+            f"num_frames - 1 must be a multiple of {temporal} (the VAE's temporal factor), "
+            f"got num_frames={num_frames}"
+        )
+    latent_frames = (num_frames - 1) // temporal + 1
+    if latent_frames % p_t:
+        raise ValueError(f"{latent_frames} latent frames are not a multiple of p_t={p_t}")
+    return (int(batch_size), channels, latent_frames, height // spatial, width // spatial)
+
+
+# -- stock-pipeline inference -------------------------------------------------------------------
+#
+# WanPipeline / WanImageToVideoPipeline call `scheduler.set_timesteps(num_inference_steps)` and
+# nothing else: no `sigmas`, no `timesteps`, no `mu`. FlowMatchEulerDiscreteScheduler (0.42)
+# then builds, for N steps and static shift s:
+#   init:   sigma_max = S(1) = 1.0 and sigma_min = S(1/num_train_timesteps), S(u) = s u/(1+(s-1)u)
+#   set:    u = linspace(sigma_max, sigma_min, N); sigmas = S(u)          (shifted a 2nd time)
+#           shift_terminal: 1 - sigmas -> (1 - sigmas) * (1 - shift_terminal) / (1 - sigmas[-1])
+#           Karras / exponential / beta: rebuilt from sigma_max / sigma_min, which are read from
+#           `config.sigma_max` / `config.sigma_min` if the config has those keys, else from the
+#           first / last sigma above
+#           then a final 0.0 is appended and timesteps = sigmas * num_train_timesteps.
+# So without extra keys the first rung is always 1.0 (and shift_terminal with N = 1 divides 0 by
+# 0); num_train_timesteps must stay 1000 because the same value scales the model's timestep.
+# `from_config` / `from_pretrained` register unknown keys on the config (the "will be ignored"
+# warning notwithstanding, configuration_utils.extract_init_dict's hidden_config_dict), which is
+# how `sigma_max` / `sigma_min` reach the Karras / exponential conversions.
+
+_FAMILY_KEYS = (
+    "shift",
+    "use_dynamic_shifting",
+    "shift_terminal",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+    "sigma_min",
+    "sigma_max",
+)
+
+
+def _check_t_list(t_list: Sequence[float]) -> list[float]:
+    values = [float(t) for t in t_list]
+    if len(values) < 2 or values[-1] != 0.0 or any(a <= b for a, b in zip(values, values[1:])):
+        raise ValueError(
+            f"t_list={values} must be strictly decreasing, hold at least one rung, and end with 0.0"
+        )
+    if not 0.0 < values[0] <= 1.0:
+        raise ValueError(f"t_list={values} must start in (0, 1]")
+    return values
+
+
+def _flow_match_init_keys() -> set[str]:
+    params = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
+    return {name for name in params if name != "self"}
+
+
+def pipeline_t_list(scheduler_config: Mapping[str, Any], num_inference_steps: int) -> list[float]:
+    """The rungs (with the final 0.0) a Wan pipeline visits with this scheduler config.
+
+    Builds the scheduler with ``from_config`` (as ``from_pretrained`` does) and calls
+    ``set_timesteps(num_inference_steps)`` like ``WanPipeline.__call__``; values are the
+    scheduler's float32 sigmas.
+    """
+    config = {k: v for k, v in dict(scheduler_config).items() if k != "_class_name"}
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    scheduler.set_timesteps(int(num_inference_steps))
+    return [float(s) for s in scheduler.sigmas]
+
+
+def _shift_family_sigmas(shift: float, terminal: float | None, num: int) -> list[float]:
+    """Closed form of the documented-keys schedule (first rung 1.0) for the shift search."""
+
+    def shifted(u: float) -> float:
+        return shift * u / (1.0 + (shift - 1.0) * u)
+
+    sigma_min = shifted(1.0 / NUM_TRAIN_TIMESTEPS)
+    if num == 1:
+        return [1.0]
+    sigmas = [shifted(1.0 + (sigma_min - 1.0) * i / (num - 1)) for i in range(num)]
+    if terminal is not None:
+        scale = (1.0 - sigmas[-1]) / (1.0 - terminal)
+        sigmas = [1.0 - (1.0 - s) / scale for s in sigmas]
+    return sigmas
+
+
+def _fit_shift(rungs: list[float]) -> float:
+    """Shift minimising the max rung error of the documented-keys family (first rung 1.0)."""
+    num = len(rungs)
+
+    def error(log_shift: float) -> float:
+        sigmas = _shift_family_sigmas(math.exp(log_shift), rungs[-1], num)
+        return max(abs(a - b) for a, b in zip(sigmas, rungs))
+
+    grid = [math.log(0.02) + i * (math.log(50.0) - math.log(0.02)) / 400 for i in range(401)]
+    best = min(grid, key=error)
+    lo, hi = best - 0.02, best + 0.02
+    golden = (math.sqrt(5.0) - 1.0) / 2.0
+    for _ in range(80):
+        a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+        if error(a) < error(b):
+            hi = b
+        else:
+            lo = a
+    return math.exp((lo + hi) / 2.0)
+
+
+def _candidates(rungs: list[float]) -> list[tuple[str, dict[str, Any]]]:
+    """Scheduler settings whose schedule matches ``rungs`` at least at both ends."""
+    num, first, last = len(rungs), rungs[0], rungs[-1]
+    off = {
+        "use_dynamic_shifting": False,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "invert_sigmas": False,
+    }
+    found: list[tuple[str, dict[str, Any]]] = []
+    if first == 1.0:
+        # Documented keys only: preferred when it fits.
+        shift = 1.0 if num <= 2 else _fit_shift(rungs)
+        terminal = last if num >= 2 else None
+        found.append(("shift", {**off, "shift": shift, "shift_terminal": terminal}))
+    ends = {"shift": 1.0, "shift_terminal": None, "sigma_max": first, "sigma_min": last}
+    found.append(("karras", {**off, **ends, "use_karras_sigmas": True}))
+    found.append(("exponential", {**off, **ends, "use_exponential_sigmas": True}))
+    return found
+
+
+def _best_schedule(
+    rungs: list[float], base: Mapping[str, Any]
+) -> tuple[float, str, dict[str, Any], list[float]]:
+    target = torch.tensor(rungs, dtype=torch.float32).tolist()
+    best: tuple[float, str, dict[str, Any], list[float]] | None = None
+    for name, overrides in _candidates(rungs):
+        config = {**base, **overrides}
+        visited = pipeline_t_list(config, len(rungs))
+        if len(visited) != len(rungs) + 1 or visited[-1] != 0.0:
+            continue
+        err = max(abs(a - b) for a, b in zip(visited[:-1], target))
+        if not math.isfinite(err):
+            continue
+        if best is None or err < best[0]:
+            best = (err, name, config, visited)
+    if best is None:  # unreachable: the Karras candidate always yields N + 1 finite sigmas
+        raise RuntimeError(f"no FlowMatchEulerDiscreteScheduler schedule found for {rungs}")
+    return best
+
+
+def _base_scheduler_config(base_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    keys = _flow_match_init_keys()
+    # Keep only FlowMatchEuler keys (the Wan checkpoints ship UniPCMultistepScheduler configs)
+    # and none of the schedule-shaping ones, which the construction sets.
+    base = {
+        k: v
+        for k, v in dict(base_config or {}).items()
+        if k in keys and k not in _FAMILY_KEYS and k != "stochastic_sampling"
+    }
+    steps = int(base.get("num_train_timesteps") or NUM_TRAIN_TIMESTEPS)
+    if steps != NUM_TRAIN_TIMESTEPS:
+        raise ValueError(
+            f"base_config has num_train_timesteps={steps}; Wan pipelines pass sigma * "
+            f"num_train_timesteps to the transformer, which expects {NUM_TRAIN_TIMESTEPS}"
+        )
+    base["num_train_timesteps"] = NUM_TRAIN_TIMESTEPS
+    return base
+
+
+def closest_reachable_t_list(
+    t_list: Sequence[float], base_config: Mapping[str, Any] | None = None
+) -> list[float]:
+    """The t_list closest to ``t_list`` (same first and last rung, same length) that a Wan
+    pipeline can follow from a scheduler config alone; equal to it when it is reachable.
+
+    Train the student on this list when ``t_list`` itself is unreachable (see
+    :func:`student_scheduler_config`).
+    """
+    rungs = _check_t_list(t_list)[:-1]
+    return _best_schedule(rungs, _base_scheduler_config(base_config))[3]
+
+
+def student_scheduler_config(
+    t_list: Sequence[float],
+    sample_type: str = "ode",
+    base_config: Mapping[str, Any] | None = None,
+    *,
+    atol: float = 1e-6,
+) -> dict[str, Any]:
+    """A ``FlowMatchEulerDiscreteScheduler`` config under which ``WanPipeline`` /
+    ``WanImageToVideoPipeline``, called with :func:`stock_pipeline_kwargs`, visit the student's
+    rungs ``t_list[:-1]`` (then the appended 0.0), to within ``atol`` in float32.
+
+    Wan pipelines take neither ``sigmas`` nor ``timesteps``, so the schedule must come from
+    the config alone. Reachable ``t_list`` (N rungs, ``t_list[-1] = 0``):
+
+    - N = 1 or N = 2: every list, e.g. ``[0.999, 0.0]``, ``[0.999, 0.833, 0.0]``: Karras
+      sigmas between ``sigma_max = t_list[0]`` and ``sigma_min = t_list[N-1]`` (the extra
+      config keys ``sigma_max`` / ``sigma_min``; with one step the schedule is ``[sigma_max]``).
+    - N >= 3: the interior rungs must lie on one of
+      Karras: ``t_i = (a^(1/7) + i/(N-1) (b^(1/7) - a^(1/7)))^7``,
+      exponential: ``t_i = a (b / a)^(i/(N-1))`` (``a = t_list[0]``, ``b = t_list[N-1]``), or,
+      when ``t_list[0] == 1.0``, the documented-keys schedule
+      ``t_i = 1 - (1 - S(u_i)) (1 - b) / (1 - S(u_{N-1}))`` with ``u = linspace(1, S(1/1000),
+      N)``, ``S(u) = s u / (1 + (s - 1) u)`` (keys ``shift = s``, ``shift_terminal = b``).
+      E.g. FastGen's ``[0.999, 0.937, 0.833, 0.624, 0.0]`` is not reachable (the closest,
+      Karras, is about ``[0.999, 0.857, 0.733, 0.624]``).
+
+    Unreachable lists raise ``ValueError`` naming the closest reachable list
+    (:func:`closest_reachable_t_list`), which the student can be trained on instead.
+    ``sample_type="sde"`` sets ``stochastic_sampling=True`` (x0, then fresh noise: the same
+    transition as :func:`~fastgen_diffusers.sampling.sample_student`'s SDE). ``base_config``
+    (e.g. the teacher's ``scheduler.config``, usually UniPC's) contributes only keys that
+    ``FlowMatchEulerDiscreteScheduler`` knows and that do not shape the schedule. Load the result
+    with ``FlowMatchEulerDiscreteScheduler.from_config`` / ``from_pretrained`` (not
+    ``FlowMatchEulerDiscreteScheduler(**config)``, which rejects ``sigma_max``); ship it as
+    ``scheduler/scheduler_config.json`` with ``model_index.json`` naming
+    ``["diffusers", "FlowMatchEulerDiscreteScheduler"]``. For a Wan 2.2 A14B pipeline the
+    student replaces ``transformer`` and ``boundary_ratio`` / ``transformer_2`` must be unset.
+    """
+    values = _check_t_list(t_list)
+    if sample_type not in ("ode", "sde"):
+        raise ValueError(f"sample_type={sample_type!r}; expected 'ode' or 'sde'")
+    rungs = values[:-1]
+    err, _, config, visited = _best_schedule(rungs, _base_scheduler_config(base_config))
+    if err > atol:
+        raise ValueError(
+            f"t_list={values} cannot be followed by a Wan pipeline: WanPipeline takes no sigmas, "
+            "and a FlowMatchEulerDiscreteScheduler config alone reaches any 1- or 2-step list but "
+            "3+ rungs only on the Karras / exponential curve between the first and last rung (or "
+            "the shift / shift_terminal curve when the list starts at 1.0). Closest reachable: "
+            f"{[round(v, 6) for v in visited]} (max rung error {err:.3g} > atol={atol}); train "
+            "the student on closest_reachable_t_list(t_list)"
+        )
+    return {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        **config,
+        "stochastic_sampling": sample_type == "sde",
+    }
+
+
+def stock_pipeline_kwargs(t_list: Sequence[float]) -> dict[str, Any]:
+    """Call arguments making ``WanPipeline`` / ``WanImageToVideoPipeline`` run the distilled
+    student: ``{"num_inference_steps": N, "guidance_scale": 1.0}`` (CFG off: the student is
+    distilled with guidance). The schedule comes from a scheduler built from
+    :func:`student_scheduler_config`; there is no ``sigmas`` argument.
+
+    The pipeline starts from unscaled noise ``x = noise``, while
+    :func:`~fastgen_diffusers.sampling.sample_student` starts at ``t_list[0] * noise``; pass
+    ``latents=t_list[0] * noise`` to reproduce it exactly. For ``sde`` the pipeline does not
+    hand its ``generator`` to ``scheduler.step``, so the fresh noise comes from the global RNG:
+    ``torch.manual_seed(s)`` before the call matches ``torch.manual_seed(s)`` before
+    ``sample_student(..., generator=None)`` (given explicit ``latents``); the pipeline draws one
+    extra, unused noise at the last step.
+    """
+    values = _check_t_list(t_list)
+    return {"num_inference_steps": len(values) - 1, "guidance_scale": 1.0}
