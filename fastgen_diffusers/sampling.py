@@ -25,7 +25,7 @@ from .flow_matching import convert_prediction, renoise
 from .modeling import call_model
 from .utils import classifier_free_guidance
 
-__all__ = ["sample_student", "sample_teacher"]
+__all__ = ["sample_student", "sample_teacher", "validate_t_list"]
 
 
 def _full(batch: int, value: float, like: torch.Tensor) -> torch.Tensor:
@@ -40,15 +40,22 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return noise.to(x.device)
 
 
-def _check_t_list(t_list: Sequence[float]) -> list[float]:
-    t_list = [float(t) for t in t_list]
-    if len(t_list) < 2 or t_list[-1] != 0.0 or any(a <= b for a, b in zip(t_list, t_list[1:])):
+def validate_t_list(t_list: Sequence[float]) -> list[float]:
+    """``t_list`` as floats, checked to be a student schedule: at least one rung in (0, 1],
+    strictly decreasing, then the final ``0.0`` (e.g. ``[0.999, 0.5, 0.0]``).
+
+    Raises ``ValueError`` naming the list and what is expected. The family plugins validate
+    their ``t_list`` arguments with it too.
+    """
+    values = [float(t) for t in t_list]
+    if len(values) < 2 or values[-1] != 0.0 or any(a <= b for a, b in zip(values, values[1:])):
         raise ValueError(
-            f"t_list={t_list} must be strictly decreasing, in [0, 1], and end with 0.0"
+            f"t_list={values} must be strictly decreasing, in [0, 1], hold at least one rung, "
+            "and end with 0.0"
         )
-    if not 0.0 < t_list[0] <= 1.0:
-        raise ValueError(f"t_list={t_list} must start in (0, 1]")
-    return t_list
+    if not 0.0 < values[0] <= 1.0:
+        raise ValueError(f"t_list={values} must start in (0, 1]")
+    return values
 
 
 @torch.no_grad()
@@ -71,7 +78,7 @@ def sample_student(
     The ``ode`` transition equals an Euler step of the flow, so a stock diffusers pipeline whose
     scheduler visits the same sigmas gives the same result (see the family plugins).
     """
-    t_list = _check_t_list(t_list)
+    t_list = validate_t_list(t_list)
     batch = noise.shape[0]
     x = (noise.to(torch.float64) * t_list[0]).to(noise.dtype)
     x0 = x

@@ -45,15 +45,7 @@ DEV_SCHEDULER = dict(
 )
 T_LISTS = ([0.999, 0.0], [0.999, 0.5, 0.0], [0.999, 0.75, 0.5, 0.25, 0.0])
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and OpenMP spinning on a shared 2-core machine
-    # makes each tiny linear orders of magnitude slower (measured 33 ms vs 10 us).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _transformer(guidance_embeds: bool = True, seed: int = 0) -> FluxTransformer2DModel:
@@ -173,6 +165,8 @@ def test_wrapper_call_convention_and_guidance():
     assert schnell(d["noise"], t, d["embeds"], d["pooled"]).shape == (B, C, H, W)
     with pytest.raises(ValueError, match="guidance_embeds=False"):
         schnell(d["noise"], t, d["embeds"], d["pooled"], guidance=3.5)
+    with pytest.raises(ValueError, match=r"t in \[0, 1\]"):  # doubly scaled t, first call
+        flux.FluxWrapper(tr)(d["noise"], t * 1000, d["embeds"], d["pooled"])
 
 
 # -- teacher: the wrapper + sample_teacher reproduce FluxPipeline ---------------------------

@@ -35,14 +35,7 @@ ATOL, RTOL = 2e-5, 1e-5
 B, C, H, W = 2, 4, 8, 12  # non-square latent: a 4 x 6 token grid
 TXT_DIM = 24
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_transformer(seed: int = 0, num_layers: int = 2) -> QwenImageTransformer2DModel:
@@ -174,6 +167,8 @@ def test_wrapper_is_the_transformer_on_packed_tokens_with_t_unchanged():
         wrapper(x, t)
     with pytest.raises(ValueError, match="img_shapes"):
         wrapper(x, t, p["pos"], img_shapes=[[(1, 4, 6)]] * B)
+    with pytest.raises(ValueError, match=r"t in \[0, 1\]"):  # doubly scaled t, first call
+        qi.QwenImageWrapper(transformer)(x, t * 1000, p["pos"])
 
 
 # -- teacher against the stock pipeline ------------------------------------------------------
@@ -389,6 +384,15 @@ def test_scheduler_config_and_pipeline_kwargs():
     assert config["max_shift"] == 0.9 and config["num_train_timesteps"] == 1000
     json.dumps(config)  # ships as scheduler/scheduler_config.json
     assert qi.student_scheduler_config(t_list, "sde")["stochastic_sampling"] is True
+    # A loaded teacher config lists keys absent from its JSON in _use_default_values, which
+    # from_config resets to their defaults: private keys must not reach the student config.
+    teacher = FlowMatchEulerDiscreteScheduler.from_config(
+        {k: v for k, v in qi.QWEN_IMAGE_SCHEDULER_CONFIG.items() if k != "stochastic_sampling"}
+    )
+    assert "stochastic_sampling" in teacher.config["_use_default_values"]
+    config = qi.student_scheduler_config(t_list, "sde", base_config=teacher.config)
+    assert not any(k.startswith("_") and k != "_class_name" for k in config)
+    assert FlowMatchEulerDiscreteScheduler.from_config(config).config.stochastic_sampling is True
     assert qi.stock_pipeline_kwargs(t_list) == {
         "sigmas": [0.999, 0.5],
         "num_inference_steps": 2,

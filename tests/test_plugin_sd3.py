@@ -46,15 +46,7 @@ INNER_DIM = 16
 TOL = dict(rtol=1e-5, atol=1e-5)
 B, H, W, L = 2, 8, 12, 7  # non-square latents: token grid 4 x 6; 7 text tokens
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: one intra-op thread is fastest, and on a shared 2-core machine two
-    # spinning OpenMP threads per process make each forward ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_transformer(variant: str = "sd3", seed: int = 0) -> SD3Transformer2DModel:

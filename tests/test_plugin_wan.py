@@ -38,18 +38,16 @@ HEIGHT, WIDTH, FRAMES = 64, 96, 9  # -> latents [Z, 3, 8, 12], token grid (3, 4,
 LATENT = (Z, 3, 8, 12)
 INNER = 24  # 2 heads x 12
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(autouse=True, scope="module")
-def _quiet_single_thread():
-    # One thread: tiny matmuls on a shared 2-core machine are 1000x slower with two.
-    threads = torch.get_num_threads()
+def _quiet():
     verbosity = diffusers_logging.get_verbosity()
-    torch.set_num_threads(1)
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     yield
-    torch.set_num_threads(threads)
     diffusers_logging.set_verbosity(verbosity)
     diffusers_logging.enable_progress_bar()
 

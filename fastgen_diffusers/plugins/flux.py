@@ -49,8 +49,19 @@ from diffusers import FluxTransformer2DModel
 from torch import nn
 
 from ..discriminators import ImageDiTDiscriminator
-from ..features import FeatureCapture, get_feature_capture, unwrap_module
+from ..features import FeatureCapture, get_feature_capture
 from ..features import attach_feature_capture as _attach_blocks
+from ..sampling import validate_t_list
+from .common import (
+    TransformerWrapper,
+    cfg_get,
+    config_of,
+    find_transformer,
+    flow_match_student_config,
+    inner_dim,
+    scaled_initial_latents,
+    tokens_to_map,
+)
 
 __all__ = [
     "DEFAULT_FEATURE_INDICES",
@@ -131,7 +142,7 @@ def latent_image_ids(
 # -- wrapper --------------------------------------------------------------------------------
 
 
-class FluxWrapper(nn.Module):
+class FluxWrapper(TransformerWrapper):
     """``FluxTransformer2DModel`` speaking the pipeline convention.
 
     ``forward(hidden_states=x_t [B, C, H, W], timestep=t in [0, 1] [B], encoder_hidden_states
@@ -153,14 +164,13 @@ class FluxWrapper(nn.Module):
     """
 
     def __init__(self, transformer: nn.Module, guidance_scale: float | None = 3.5) -> None:
-        super().__init__()
         patch_size = getattr(transformer.config, "patch_size", 1)
         if patch_size != 1:
             # FluxPipeline packs 2x2 patches itself and expects a patch_size=1 transformer.
             raise ValueError(
                 f"FluxWrapper expects transformer.config.patch_size=1, got {patch_size}"
             )
-        self.transformer = transformer
+        super().__init__(transformer)
         self.guidance_scale = guidance_scale
 
     @classmethod
@@ -177,22 +187,6 @@ class FluxWrapper(nn.Module):
             pretrained_model_name_or_path, subfolder=subfolder, **kwargs
         )
         return cls(transformer, guidance_scale=guidance_scale)
-
-    @property
-    def config(self) -> Any:
-        """The transformer's config."""
-        return self.transformer.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The transformer's (parameter) dtype; inputs are cast to it."""
-        return next(self.transformer.parameters()).dtype
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
-
-    def disable_gradient_checkpointing(self) -> None:
-        self.transformer.disable_gradient_checkpointing()
 
     def _guidance(
         self, guidance: float | torch.Tensor | None, batch: int, device: torch.device
@@ -250,10 +244,9 @@ class FluxWrapper(nn.Module):
                 raise TypeError(f"FluxWrapper builds {name!r} itself; do not pass it")
         batch, _, height, width = hidden_states.shape
         device, dtype = hidden_states.device, self.dtype
-        t = torch.as_tensor(timestep, device=device, dtype=torch.float32)
-        t = t.expand(batch) if t.ndim == 0 else t
-        if t.shape != (batch,):
-            raise ValueError(f"timestep must be a scalar or [{batch}], got {tuple(t.shape)}")
+        t = self._check_timestep(
+            timestep, batch, device, scaling="the transformer scales it by 1000 itself"
+        )
 
         # FluxPipeline passes scheduler timesteps (t * 1000, fp32) cast to the latents dtype and
         # divided by 1000; the transformer multiplies by 1000 again in its dtype. Rounding t the
@@ -281,34 +274,30 @@ class FluxWrapper(nn.Module):
 # -- feature capture ------------------------------------------------------------------------
 
 
-def _cfg_get(config: Any, key: str) -> Any:
-    if isinstance(config, Mapping):
-        return config[key]
-    return getattr(config, key)
-
-
-def _flux_config(model_or_config: Any) -> Any:
-    if isinstance(model_or_config, nn.Module):
-        return _find_transformer(model_or_config).config
-    return model_or_config
+def _is_flux_transformer(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "transformer_blocks", None), nn.ModuleList) and isinstance(
+        getattr(module, "single_transformer_blocks", None), nn.ModuleList
+    )
 
 
 def _find_transformer(model: nn.Module) -> nn.Module:
-    for module in unwrap_module(model):
-        if isinstance(getattr(module, "transformer_blocks", None), nn.ModuleList) and isinstance(
-            getattr(module, "single_transformer_blocks", None), nn.ModuleList
-        ):
-            return module
-    raise TypeError(
-        f"{type(model).__name__} is neither a FluxTransformer2DModel nor a wrapper around one "
-        "(no transformer_blocks + single_transformer_blocks found)"
+    return find_transformer(
+        model,
+        _is_flux_transformer,
+        TypeError,
+        "is neither a FluxTransformer2DModel nor a wrapper around one (no transformer_blocks + "
+        "single_transformer_blocks found)",
     )
+
+
+def _flux_config(model_or_config: Any) -> Any:
+    return config_of(model_or_config, _find_transformer)
 
 
 def default_feature_indices(config: Any) -> tuple[int, ...]:
     """Blocks at 1/2, 3/4 and the end of the depth, counting double-stream blocks first and then
     single-stream blocks (``DEFAULT_FEATURE_INDICES`` for Flux.1's 19 + 38)."""
-    n = int(_cfg_get(config, "num_layers")) + int(_cfg_get(config, "num_single_layers"))
+    n = int(cfg_get(config, "num_layers")) + int(cfg_get(config, "num_single_layers"))
     if n < 1:
         raise ValueError("The transformer has no blocks to capture features from")
     return tuple(sorted({int(f * (n - 1) + 0.5) for f in _FEATURE_FRACTIONS}))
@@ -353,10 +342,9 @@ def _image_stream_map(output: Any, capture: FeatureCapture) -> torch.Tensor:
     else:
         image = output[:, -num_tokens:]  # older single blocks returned the [text, image] concat
     rows, cols = _token_grid(capture)
-    b, n, d = image.shape
-    if n != num_tokens:
-        raise RuntimeError(f"Captured {n} tokens, expected {num_tokens} image tokens")
-    return image.transpose(1, 2).reshape(b, d, rows, cols)
+    if image.shape[1] != num_tokens:
+        raise RuntimeError(f"Captured {image.shape[1]} tokens, expected {num_tokens} image tokens")
+    return tokens_to_map(image, (rows, cols), "image")
 
 
 def attach_feature_capture(
@@ -392,10 +380,7 @@ def build_discriminator(
             capture = get_feature_capture(model_or_config)
             capture_indices = capture.feature_indices if capture is not None else None
         feature_indices = capture_indices or default_feature_indices(config)
-    inner_dim = int(_cfg_get(config, "num_attention_heads")) * int(
-        _cfg_get(config, "attention_head_dim")
-    )
-    return ImageDiTDiscriminator(inner_dim, len(set(feature_indices)), **kwargs)
+    return ImageDiTDiscriminator(inner_dim(config), len(set(feature_indices)), **kwargs)
 
 
 # -- pipeline glue ---------------------------------------------------------------------------
@@ -459,9 +444,9 @@ def encode_prompt(
 
 def _vae_factors(vae: Any) -> tuple[float, float]:
     config = getattr(vae, "config", vae)
-    scaling = _cfg_get(config, "scaling_factor")
+    scaling = cfg_get(config, "scaling_factor")
     try:
-        shift = _cfg_get(config, "shift_factor")
+        shift = cfg_get(config, "shift_factor")
     except (KeyError, AttributeError):
         shift = None
     return float(scaling), float(shift or 0.0)
@@ -501,7 +486,7 @@ def latent_shape(
     else:
         config = _flux_config(config_or_pipe)
         factor = vae_scale_factor or 8
-    channels = int(_cfg_get(config, "in_channels")) // 4
+    channels = int(cfg_get(config, "in_channels")) // 4
     return (
         batch_size,
         channels,
@@ -511,20 +496,6 @@ def latent_shape(
 
 
 # -- stock-pipeline inference for a distilled student ---------------------------------------
-
-
-def _check_t_list(t_list: Sequence[float]) -> list[float]:
-    t_list = [float(t) for t in t_list]
-    if (
-        len(t_list) < 2
-        or t_list[-1] != 0.0
-        or not 0.0 < t_list[0] <= 1.0
-        or any(a <= b for a, b in zip(t_list, t_list[1:]))
-    ):
-        raise ValueError(
-            f"t_list={t_list} must be strictly decreasing, start in (0, 1] and end with 0.0"
-        )
-    return t_list
 
 
 def student_scheduler_config(
@@ -549,39 +520,16 @@ def student_scheduler_config(
     ``base_config`` (e.g. the teacher's ``pipe.scheduler.config``) is copied and the settings
     above override it.
     """
-    _check_t_list(t_list)
-    if sample_type not in ("ode", "sde"):
-        raise ValueError(f"sample_type={sample_type!r}; expected 'ode' or 'sde'")
-    # Private keys go: "_use_default_values" lists keys diffusers resets to their defaults on
-    # load, which would undo the overrides below (e.g. stochastic_sampling). use_flow_sigmas
-    # makes FluxPipeline drop custom sigmas.
-    config = {
-        k: v
-        for k, v in dict(base_config or {}).items()
-        if not k.startswith("_") and k != "use_flow_sigmas"
-    }
-    config.update(
-        _class_name="FlowMatchEulerDiscreteScheduler",
-        # FluxPipeline divides the scheduler timesteps by a hard-coded 1000.
-        num_train_timesteps=1000,
-        shift=1.0,
-        use_dynamic_shifting=False,
-        shift_terminal=None,
-        use_karras_sigmas=False,
-        use_exponential_sigmas=False,
-        use_beta_sigmas=False,
-        invert_sigmas=False,
-        stochastic_sampling=sample_type == "sde",
-    )
-    return config
+    # FluxPipeline divides the scheduler timesteps by a hard-coded 1000. Private keys and
+    # use_flow_sigmas (FluxPipeline drops custom sigmas when it is set) are not copied.
+    return flow_match_student_config(t_list, sample_type, base_config, num_train_timesteps=1000)
 
 
 def student_initial_latents(noise: torch.Tensor, t_list: Sequence[float]) -> torch.Tensor:
     """Packed ``latents=`` that make ``FluxPipeline`` start where
     :func:`~fastgen_diffusers.sampling.sample_student` starts, ``t_list[0] * noise`` (float64
     multiply, as the sampler does): the stock pipeline uses given latents unscaled."""
-    t_list = _check_t_list(t_list)
-    return pack_latents((noise.to(torch.float64) * t_list[0]).to(noise.dtype))
+    return pack_latents(scaled_initial_latents(noise, t_list))
 
 
 def stock_pipeline_kwargs(
@@ -598,7 +546,7 @@ def stock_pipeline_kwargs(
     ``t_list[0] * noise``: for an exact match pass
     ``latents=student_initial_latents(noise, t_list)`` (no difference when ``t_list[0] == 1``).
     """
-    t_list = _check_t_list(t_list)
+    t_list = validate_t_list(t_list)
     kwargs: dict[str, Any] = {
         "sigmas": t_list[:-1],
         "num_inference_steps": len(t_list) - 1,

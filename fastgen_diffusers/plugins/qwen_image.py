@@ -59,8 +59,19 @@ import torch
 from torch import nn
 
 from ..discriminators import ImageDiTDiscriminator
-from ..features import FeatureCapture, unwrap_module
+from ..features import FeatureCapture
 from ..features import attach_feature_capture as _attach_feature_capture
+from ..sampling import validate_t_list
+from .common import (
+    TransformerWrapper,
+    cfg_get,
+    config_of,
+    find_transformer,
+    flow_match_student_config,
+    inner_dim,
+    scaled_initial_latents,
+    tokens_to_map,
+)
 
 __all__ = [
     "DEFAULT_FEATURE_INDICES",
@@ -168,15 +179,13 @@ def student_initial_latents(noise: torch.Tensor, t_list: Sequence[float]) -> tor
     :func:`~fastgen_diffusers.sampling.sample_student` starts: ``t_list[0] * noise`` (in
     float64, as the sampler does). Stock pipelines use the given latents unscaled, so with
     ``t_list[0] < 1`` passing the plain noise would start off the student's first rung."""
-    t_list = _check_t_list(t_list)
-    scaled = (noise.to(torch.float64) * t_list[0]).to(noise.dtype)
-    return pack_latents(scaled)
+    return pack_latents(scaled_initial_latents(noise, t_list))
 
 
 # -- the wrapper ----------------------------------------------------------------------------
 
 
-class QwenImageWrapper(nn.Module):
+class QwenImageWrapper(TransformerWrapper):
     """``QwenImageTransformer2DModel`` speaking the pipeline convention.
 
     ``forward(hidden_states=x_t, timestep=t, encoder_hidden_states=..., encoder_hidden_states_mask
@@ -195,8 +204,7 @@ class QwenImageWrapper(nn.Module):
     """
 
     def __init__(self, transformer: nn.Module) -> None:
-        super().__init__()
-        self.transformer = transformer
+        super().__init__(transformer)
 
     @classmethod
     def from_pretrained(
@@ -206,15 +214,6 @@ class QwenImageWrapper(nn.Module):
         from diffusers import QwenImageTransformer2DModel
 
         return cls(QwenImageTransformer2DModel.from_pretrained(path, subfolder=subfolder, **kwargs))
-
-    @property
-    def config(self) -> Any:
-        """The transformer's config."""
-        return self.transformer.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.img_in.weight.dtype
 
     @property
     def num_channels_latents(self) -> int:
@@ -259,9 +258,9 @@ class QwenImageWrapper(nn.Module):
             )
         dtype = self.dtype
         tokens = pack_latents(x.to(dtype))
-        t = torch.as_tensor(timestep, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(batch)
+        t = self._check_timestep(
+            timestep, batch, x.device, scaling="the transformer scales it by 1000 itself"
+        )
         # One image per sample: (frames, token rows, token columns) for the 3-D RoPE.
         img_shapes = [[(1, height // 2, width // 2)]] * batch
         out = self.transformer(
@@ -281,29 +280,21 @@ class QwenImageWrapper(nn.Module):
 
 def _find_transformer(model: nn.Module) -> nn.Module:
     """The module holding ``transformer_blocks`` (the wrapper's transformer, or ``model``)."""
-    for module in unwrap_module(model):
-        if isinstance(getattr(module, "transformer_blocks", None), nn.ModuleList):
-            return module
-    raise ValueError(
-        f"{type(model).__name__} holds no QwenImageTransformer2DModel (no transformer_blocks)"
+    return find_transformer(
+        model,
+        lambda module: isinstance(getattr(module, "transformer_blocks", None), nn.ModuleList),
+        ValueError,
+        "holds no QwenImageTransformer2DModel (no transformer_blocks)",
     )
 
 
 def _config_of(model_or_config: Any) -> Any:
-    if isinstance(model_or_config, nn.Module):
-        return _find_transformer(model_or_config).config
-    return model_or_config
-
-
-def _cfg_get(config: Any, key: str) -> Any:
-    if isinstance(config, Mapping):
-        return config[key]
-    return getattr(config, key)
+    return config_of(model_or_config, _find_transformer)
 
 
 def default_feature_indices(model_or_config: Any) -> tuple[int, ...]:
     """Blocks at 1/2, 3/4 of the depth and the last one (``(30, 45, 59)`` for Qwen-Image's 60)."""
-    num_layers = int(_cfg_get(_config_of(model_or_config), "num_layers"))
+    num_layers = int(cfg_get(_config_of(model_or_config), "num_layers"))
     return tuple(sorted({min(int(num_layers * f), num_layers - 1) for f in _FEATURE_FRACTIONS}))
 
 
@@ -334,8 +325,7 @@ def image_tokens_to_map(tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tens
         raise ValueError(
             f"image tokens of shape {tuple(tokens.shape)} cannot hold a {h}x{w} token grid"
         )
-    b, _, d = tokens.shape
-    return tokens[:, : h * w].reshape(b, h, w, d).permute(0, 3, 1, 2)
+    return tokens_to_map(tokens[:, : h * w], (h, w), "image")
 
 
 def _note_grid(args: tuple, kwargs: dict, capture: FeatureCapture) -> None:
@@ -395,10 +385,9 @@ def build_discriminator(
     index, ``num_attention_heads * attention_head_dim`` input channels each."""
     config = _config_of(model_or_config)
     indices = default_feature_indices(config) if feature_indices is None else tuple(feature_indices)
-    inner_dim = int(_cfg_get(config, "num_attention_heads")) * int(
-        _cfg_get(config, "attention_head_dim")
+    return ImageDiTDiscriminator(
+        inner_dim(config), len(set(indices)), hidden_channels=hidden_channels
     )
-    return ImageDiTDiscriminator(inner_dim, len(set(indices)), hidden_channels=hidden_channels)
 
 
 # -- pipeline glue --------------------------------------------------------------------------
@@ -520,7 +509,7 @@ def _vae_config(vae: Any) -> Any:
 
 def _mean_std(vae: Any, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     config = _vae_config(vae)
-    z_dim = int(_cfg_get(config, "z_dim"))
+    z_dim = int(cfg_get(config, "z_dim"))
     if latents.ndim not in (4, 5) or latents.shape[1] != z_dim:
         raise ValueError(
             f"latents of shape {tuple(latents.shape)} do not match the VAE's z_dim={z_dim} "
@@ -528,8 +517,8 @@ def _mean_std(vae: Any, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         )
     shape = (1, z_dim) + (1,) * (latents.ndim - 2)
     # Same construction as the pipeline: float32 lists cast to the latents' dtype.
-    mean = torch.tensor(_cfg_get(config, "latents_mean")).view(shape)
-    std = torch.tensor(_cfg_get(config, "latents_std")).view(shape)
+    mean = torch.tensor(cfg_get(config, "latents_mean")).view(shape)
+    std = torch.tensor(cfg_get(config, "latents_std")).view(shape)
     return mean.to(latents.device, latents.dtype), std.to(latents.device, latents.dtype)
 
 
@@ -555,8 +544,7 @@ def latent_shape(
     VAE's factor) and ``C = in_channels / 4`` as ``QwenImagePipeline.prepare_latents`` (before
     packing). ``model_or_pipe``: the pipeline, the wrapper, the transformer or its config."""
     vae_scale_factor = int(getattr(model_or_pipe, "vae_scale_factor", VAE_SCALE_FACTOR))
-    source = getattr(model_or_pipe, "transformer", model_or_pipe)
-    in_channels = int(_cfg_get(_config_of(source), "in_channels"))
+    in_channels = int(cfg_get(_config_of(model_or_pipe), "in_channels"))
     multiple = vae_scale_factor * PATCH_SIZE
     if height % multiple or width % multiple:
         raise ValueError(
@@ -573,20 +561,6 @@ def latent_shape(
 
 
 # -- stock-pipeline inference ---------------------------------------------------------------
-
-
-def _check_t_list(t_list: Sequence[float]) -> list[float]:
-    t_list = [float(t) for t in t_list]
-    if (
-        len(t_list) < 2
-        or t_list[-1] != 0.0
-        or not 0.0 < t_list[0] <= 1.0
-        or any(a <= b for a, b in zip(t_list, t_list[1:]))
-    ):
-        raise ValueError(
-            f"t_list={t_list} must be strictly decreasing, start in (0, 1] and end with 0.0"
-        )
-    return t_list
 
 
 def student_scheduler_config(
@@ -614,27 +588,12 @@ def student_scheduler_config(
     positions than ``sample_student`` on ``[B, C, 1, H, W]`` noise (same distribution).
 
     ``base_config`` (e.g. the teacher's ``pipe.scheduler.config``, default
-    :data:`QWEN_IMAGE_SCHEDULER_CONFIG`) is copied and the settings above override it.
+    :data:`QWEN_IMAGE_SCHEDULER_CONFIG`) is copied and the settings above override it; its
+    private keys (``_use_default_values`` would reset the overrides on load) are dropped.
     """
-    _check_t_list(t_list)
-    if sample_type not in ("ode", "sde"):
-        raise ValueError(f"sample_type={sample_type!r}; expected 'ode' or 'sde'")
     base = QWEN_IMAGE_SCHEDULER_CONFIG if base_config is None else base_config
-    config = {k: v for k, v in dict(base).items() if k != "use_flow_sigmas"}
-    config.update(
-        _class_name="FlowMatchEulerDiscreteScheduler",
-        # The pipeline divides scheduler timesteps by a hard-coded 1000.
-        num_train_timesteps=1000,
-        shift=1.0,
-        use_dynamic_shifting=False,
-        shift_terminal=None,
-        use_karras_sigmas=False,
-        use_exponential_sigmas=False,
-        use_beta_sigmas=False,
-        invert_sigmas=False,
-        stochastic_sampling=sample_type == "sde",
-    )
-    return config
+    # The pipeline divides scheduler timesteps by a hard-coded 1000.
+    return flow_match_student_config(t_list, sample_type, base, num_train_timesteps=1000)
 
 
 def stock_pipeline_kwargs(t_list: Sequence[float]) -> dict[str, Any]:
@@ -649,7 +608,7 @@ def stock_pipeline_kwargs(t_list: Sequence[float]) -> dict[str, Any]:
     noise``: for an exact match pass ``latents=student_initial_latents(noise, t_list)``
     (identical to packed noise when ``t_list[0] == 1``).
     """
-    t_list = _check_t_list(t_list)
+    t_list = validate_t_list(t_list)
     return {
         "sigmas": t_list[:-1],
         "num_inference_steps": len(t_list) - 1,

@@ -59,8 +59,18 @@ from diffusers import SD3Transformer2DModel
 from torch import nn
 
 from ..discriminators import ImageDiTDiscriminator
-from ..features import FeatureCapture, unwrap_module
+from ..features import FeatureCapture
 from ..features import attach_feature_capture as _attach_feature_capture
+from ..sampling import validate_t_list
+from .common import (
+    TransformerWrapper,
+    config_of,
+    find_transformer,
+    flow_match_student_config,
+    inner_dim,
+    latent_grid_hook,
+    tokens_to_map,
+)
 
 __all__ = [
     "NUM_TRAIN_TIMESTEPS",
@@ -81,7 +91,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 _TOKEN_GRID_KEY = "sd3_token_grid"
 
 
-class SD3Wrapper(nn.Module):
+class SD3Wrapper(TransformerWrapper):
     """``SD3Transformer2DModel`` called as ``model(hidden_states=x_t, timestep=t, ...)``.
 
     Args:
@@ -96,12 +106,8 @@ class SD3Wrapper(nn.Module):
     def __init__(
         self, transformer: SD3Transformer2DModel, *, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
     ) -> None:
-        super().__init__()
-        self.transformer = transformer
+        super().__init__(transformer)
         self.num_train_timesteps = int(num_train_timesteps)
-        # The range check costs a device sync, so it runs on the first call only: a doubly
-        # scaled t (config.num_train_timesteps set with a wrapper) is wrong from step one.
-        self._timestep_checked = False
 
     @classmethod
     def from_pretrained(
@@ -109,22 +115,6 @@ class SD3Wrapper(nn.Module):
     ) -> SD3Wrapper:
         """Load the transformer (``SD3Transformer2DModel.from_pretrained``) and wrap it."""
         return cls(SD3Transformer2DModel.from_pretrained(path, subfolder=subfolder, **kwargs))
-
-    @property
-    def config(self) -> Any:
-        """The transformer's config."""
-        return self.transformer.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The transformer's compute dtype (diffusers' ``dtype``, layerwise casting aware)."""
-        return self.transformer.dtype
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
-
-    def disable_gradient_checkpointing(self) -> None:
-        self.transformer.disable_gradient_checkpointing()
 
     def forward(
         self,
@@ -161,21 +151,12 @@ class SD3Wrapper(nn.Module):
             raise ValueError(
                 f"latent height/width ({height}, {width}) must be multiples of patch_size={patch}"
             )
-        batch = hidden_states.shape[0]
-        t = torch.as_tensor(timestep, device=hidden_states.device).float()
-        if t.ndim == 0 or t.shape == (1,):
-            t = t.reshape(()).expand(batch)
-        elif t.shape != (batch,):
-            raise ValueError(f"timestep must be [B={batch}] or a scalar, got {tuple(t.shape)}")
-        if not self._timestep_checked and not torch.compiler.is_compiling():
-            t_max = float(t.max()) if t.numel() else 0.0
-            if t_max > 1.0 + 1e-4 or float(t.min()) < -1e-4:
-                raise ValueError(
-                    f"SD3Wrapper takes the RF time t in [0, 1] and scales it by "
-                    f"{self.num_train_timesteps} itself; got t in [{float(t.min())}, {t_max}] "
-                    "(leave DistillationConfig.num_train_timesteps null with the wrapper)"
-                )
-            self._timestep_checked = True
+        t = self._check_timestep(
+            timestep,
+            hidden_states.shape[0],
+            hidden_states.device,
+            scaling=f"scales it by {self.num_train_timesteps} itself",
+        )
         # The patch-embedding conv takes the latents, so its weight dtype is the compute dtype
         # (diffusers' layerwise casting skips pos_embed); cheaper than walking every module.
         dtype = self.transformer.pos_embed.proj.weight.dtype
@@ -201,25 +182,18 @@ def _describe(value: Any) -> str:
 
 def _find_transformer(model: nn.Module) -> nn.Module:
     """The module holding ``transformer_blocks`` (the wrapper, DDP, compile wrappers unwrapped)."""
-    for module in unwrap_module(model):
-        if isinstance(getattr(module, "transformer_blocks", None), nn.ModuleList):
-            return module
-    raise ValueError(
-        f"{type(model).__name__} holds no SD3 transformer (no .transformer_blocks found through "
-        ".transformer / .module / ._orig_mod)"
+    return find_transformer(
+        model,
+        lambda module: isinstance(getattr(module, "transformer_blocks", None), nn.ModuleList),
+        ValueError,
+        "holds no SD3 transformer (no .transformer_blocks found through .transformer / .module / "
+        "._orig_mod)",
     )
 
 
 def _config_of(source: Any) -> Mapping[str, Any]:
-    if isinstance(source, Mapping):
-        return source
-    if isinstance(source, nn.Module):
-        return _find_transformer(source).config
-    transformer = getattr(source, "transformer", None)  # a pipeline
-    if transformer is not None:
-        return transformer.config
-    raise TypeError(
-        f"Expected an SD3 transformer, SD3Wrapper, pipeline or config, got {type(source).__name__}"
+    return config_of(
+        source, _find_transformer, expected="an SD3 transformer, SD3Wrapper, pipeline or config"
     )
 
 
@@ -237,17 +211,6 @@ def default_feature_indices(model_or_config: Any) -> tuple[int, ...]:
     return tuple(sorted({max(round(num_layers * k / 3) - 1, 0) for k in (1, 2, 3)}))
 
 
-def _note_token_grid(transformer: nn.Module) -> Any:
-    patch = int(transformer.config.patch_size)
-
-    def hook(args: tuple, kwargs: dict, capture: FeatureCapture) -> None:
-        latents = kwargs.get("hidden_states", args[0] if args else None)
-        if isinstance(latents, torch.Tensor) and latents.ndim == 4:
-            capture.meta[_TOKEN_GRID_KEY] = (latents.shape[-2] // patch, latents.shape[-1] // patch)
-
-    return hook
-
-
 def _image_tokens_to_map(output: Any, capture: FeatureCapture) -> torch.Tensor:
     """``(encoder_hidden_states, hidden_states)`` -> image stream as ``[B, C, H/p, W/p]``."""
     if not (isinstance(output, tuple) and len(output) == 2 and torch.is_tensor(output[1])):
@@ -255,19 +218,11 @@ def _image_tokens_to_map(output: Any, capture: FeatureCapture) -> torch.Tensor:
             "SD3 feature capture expects a JointTransformerBlock output "
             f"(encoder_hidden_states, hidden_states), got {type(output).__name__}"
         )
-    tokens = output[1]
     grid = capture.meta.get(_TOKEN_GRID_KEY)
     if grid is None:
         raise RuntimeError("SD3 feature capture saw no transformer input (token grid unknown)")
-    height, width = grid
-    batch, num_tokens, channels = tokens.shape
-    if num_tokens != height * width:
-        raise ValueError(
-            f"block output has {num_tokens} image tokens, expected {height} x {width} = "
-            f"{height * width} (the token grid of the transformer input)"
-        )
     # PatchEmbed flattens the conv output row-major: token index = row * width + col.
-    return tokens.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+    return tokens_to_map(output[1], grid, "image")
 
 
 def attach_feature_capture(
@@ -286,7 +241,8 @@ def attach_feature_capture(
     capture = _attach_feature_capture(
         model, indices, blocks="transformer_blocks", transform=_image_tokens_to_map
     )
-    capture.add_input_hook(transformer, _note_token_grid(transformer))
+    patch = int(transformer.config.patch_size)
+    capture.add_input_hook(transformer, latent_grid_hook(_TOKEN_GRID_KEY, (patch, patch)))
     return capture
 
 
@@ -303,8 +259,9 @@ def build_discriminator(
     """
     config = _config_of(model_or_config)
     indices = default_feature_indices(config) if feature_indices is None else feature_indices
-    inner_dim = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
-    return ImageDiTDiscriminator(inner_dim, len(set(indices)), hidden_channels=hidden_channels)
+    return ImageDiTDiscriminator(
+        inner_dim(config), len(set(indices)), hidden_channels=hidden_channels
+    )
 
 
 # -- pipeline glue ------------------------------------------------------------------------------
@@ -413,17 +370,6 @@ def latent_shape(
 # -- stock-pipeline inference -------------------------------------------------------------------
 
 
-def _check_t_list(t_list: Sequence[float]) -> list[float]:
-    values = [float(t) for t in t_list]
-    if len(values) < 2 or values[-1] != 0.0 or any(a <= b for a, b in zip(values, values[1:])):
-        raise ValueError(
-            f"t_list={values} must be strictly decreasing, hold at least one rung, and end with 0.0"
-        )
-    if not 0.0 < values[0] <= 1.0:
-        raise ValueError(f"t_list={values} must start in (0, 1]")
-    return values
-
-
 def student_scheduler_config(
     t_list: Sequence[float],
     sample_type: str = "ode",
@@ -442,26 +388,14 @@ def student_scheduler_config(
 
     The schedule itself cannot live in the config (``num_inference_steps`` alone gives
     ``linspace(1, sigma_min)``): pass ``sigmas`` as :func:`stock_pipeline_kwargs` does.
-    ``base_config`` (e.g. the teacher's ``scheduler.config``) keeps its other keys. Save the
-    result as ``scheduler/scheduler_config.json`` of the exported student.
+    ``base_config`` (e.g. the teacher's ``scheduler.config``) keeps its other keys (private
+    ones and ``use_flow_sigmas`` aside). Save the result as ``scheduler/scheduler_config.json``
+    of the exported student.
     """
-    _check_t_list(t_list)
-    if sample_type not in ("ode", "sde"):
-        raise ValueError(f"sample_type={sample_type!r}; expected 'ode' or 'sde'")
-    config = {k: v for k, v in dict(base_config or {}).items() if not k.startswith("_")}
-    config.update(
-        _class_name="FlowMatchEulerDiscreteScheduler",
-        num_train_timesteps=int(config.get("num_train_timesteps") or NUM_TRAIN_TIMESTEPS),
-        shift=1.0,
-        use_dynamic_shifting=False,
-        shift_terminal=None,
-        use_karras_sigmas=False,
-        use_exponential_sigmas=False,
-        use_beta_sigmas=False,
-        invert_sigmas=False,
-        stochastic_sampling=sample_type == "sde",
-    )
-    return config
+    # StableDiffusion3Pipeline passes scheduler timesteps (sigma * num_train_timesteps) to the
+    # transformer: keep the base's scale.
+    steps = int((base_config or {}).get("num_train_timesteps") or NUM_TRAIN_TIMESTEPS)
+    return flow_match_student_config(t_list, sample_type, base_config, num_train_timesteps=steps)
 
 
 def stock_pipeline_kwargs(t_list: Sequence[float]) -> dict[str, Any]:
@@ -478,7 +412,7 @@ def stock_pipeline_kwargs(t_list: Sequence[float]) -> dict[str, Any]:
     ``torch.manual_seed(s)`` before the call matches ``sample_student(...,
     generator=torch.Generator(device).manual_seed(s))`` (given explicit ``latents``).
     """
-    values = _check_t_list(t_list)
+    values = validate_t_list(t_list)
     return {
         "num_inference_steps": len(values) - 1,
         "sigmas": values[:-1],

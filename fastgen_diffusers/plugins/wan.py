@@ -68,8 +68,18 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from torch import nn
 
 from ..discriminators import VideoDiTDiscriminator
-from ..features import FeatureCapture, unwrap_module
+from ..features import FeatureCapture
 from ..features import attach_feature_capture as _attach_feature_capture
+from ..sampling import validate_t_list
+from .common import (
+    TransformerWrapper,
+    config_of,
+    find_transformer,
+    inner_dim,
+    latent_grid_hook,
+    tokens_to_map,
+    validate_sample_type,
+)
 
 __all__ = [
     "DEFAULT_FEATURE_INDICES",
@@ -102,7 +112,7 @@ _TOKEN_GRID_KEY = "wan_token_grid"
 _CLAMP = 1e-6
 
 
-class WanWrapper(nn.Module):
+class WanWrapper(TransformerWrapper):
     """``WanTransformer3DModel`` called as ``model(hidden_states=x_t, timestep=t, ...)``.
 
     Args:
@@ -126,13 +136,9 @@ class WanWrapper(nn.Module):
         expand_timesteps: bool = False,
         num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
     ) -> None:
-        super().__init__()
-        self.transformer = transformer
+        super().__init__(transformer)
         self.expand_timesteps = bool(expand_timesteps)
         self.num_train_timesteps = int(num_train_timesteps)
-        # The range check syncs the device, so it runs on the first call only: a doubly scaled
-        # t (config.num_train_timesteps set with a wrapper) is wrong from step one.
-        self._timestep_checked = False
 
     @classmethod
     def from_pretrained(
@@ -161,42 +167,6 @@ class WanWrapper(nn.Module):
             getattr(pipe, transformer),
             expand_timesteps=bool(getattr(pipe.config, "expand_timesteps", False)),
         )
-
-    @property
-    def config(self) -> Any:
-        """The transformer's config."""
-        return self.transformer.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        # diffusers' dtype skips _keep_in_fp32_modules and honours layerwise casting: the
-        # compute dtype of a bf16 load is bf16 although some weights are fp32.
-        return self.transformer.dtype
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
-
-    def disable_gradient_checkpointing(self) -> None:
-        self.transformer.disable_gradient_checkpointing()
-
-    def _check_t(
-        self, timestep: torch.Tensor | float, batch: int, device: torch.device
-    ) -> torch.Tensor:
-        t = torch.as_tensor(timestep, device=device).float()
-        if t.ndim == 0 or t.shape == (1,):
-            t = t.reshape(()).expand(batch)
-        elif t.shape != (batch,):
-            raise ValueError(f"timestep must be [B={batch}] or a scalar, got {tuple(t.shape)}")
-        if not self._timestep_checked and not torch.compiler.is_compiling():
-            t_min, t_max = float(t.min()), float(t.max())
-            if t_max > 1.0 + 1e-4 or t_min < -1e-4:
-                raise ValueError(
-                    f"WanWrapper takes the RF time t in [0, 1] and scales it by "
-                    f"{self.num_train_timesteps} itself; got t in [{t_min}, {t_max}] "
-                    "(leave DistillationConfig.num_train_timesteps null with the wrapper)"
-                )
-            self._timestep_checked = True
-        return t
 
     def forward(
         self,
@@ -240,7 +210,12 @@ class WanWrapper(nn.Module):
                 f"latent frames/height/width ({frames}, {height}, {width}) must be multiples of "
                 f"patch_size={tuple(config.patch_size)}"
             )
-        t = self._check_t(timestep, batch, hidden_states.device)
+        t = self._check_timestep(
+            timestep,
+            batch,
+            hidden_states.device,
+            scaling=f"scales it by {self.num_train_timesteps} itself",
+        )
         dtype = self.dtype
         # float32 timesteps of sigma * 1000 computed in float32, as the stock pipeline passes
         # them (scheduler.timesteps) to a model of any dtype.
@@ -355,25 +330,17 @@ def _read_expand_timesteps(path: str, kwargs: Mapping[str, Any]) -> bool:
 
 def _find_transformer(model: nn.Module) -> WanTransformer3DModel:
     """The ``WanTransformer3DModel`` inside ``model`` (wrapper, DDP, compile unwrapped)."""
-    for module in unwrap_module(model):
-        if isinstance(module, WanTransformer3DModel):
-            return module
-    raise ValueError(
-        f"{type(model).__name__} holds no WanTransformer3DModel (looked through .transformer / "
-        ".module / ._orig_mod)"
+    return find_transformer(
+        model,
+        lambda module: isinstance(module, WanTransformer3DModel),
+        ValueError,
+        "holds no WanTransformer3DModel (looked through .transformer / .module / ._orig_mod)",
     )
 
 
 def _config_of(source: Any) -> Mapping[str, Any]:
-    if isinstance(source, Mapping):
-        return source
-    if isinstance(source, nn.Module):
-        return _find_transformer(source).config
-    transformer = getattr(source, "transformer", None)  # a pipeline
-    if transformer is not None:
-        return transformer.config
-    raise TypeError(
-        f"Expected a Wan transformer, WanWrapper, pipeline or config, got {type(source).__name__}"
+    return config_of(
+        source, _find_transformer, expected="a Wan transformer, WanWrapper, pipeline or config"
     )
 
 
@@ -394,18 +361,6 @@ def default_feature_indices(model_or_config: Any) -> tuple[int, ...]:
     return tuple(sorted({middle, (middle + last) // 2, last}))
 
 
-def _note_token_grid(transformer: WanTransformer3DModel) -> Any:
-    p_t, p_h, p_w = (int(p) for p in transformer.config.patch_size)
-
-    def hook(args: tuple, kwargs: dict, capture: FeatureCapture) -> None:
-        latents = kwargs.get("hidden_states", args[0] if args else None)
-        if isinstance(latents, torch.Tensor) and latents.ndim == 5:
-            _, _, frames, height, width = latents.shape
-            capture.meta[_TOKEN_GRID_KEY] = (frames // p_t, height // p_h, width // p_w)
-
-    return hook
-
-
 def _video_tokens_to_map(output: Any, capture: FeatureCapture) -> torch.Tensor:
     """``WanTransformerBlock`` output ``[B, F'H'W', D]`` -> ``[B, D, F', H', W']``."""
     if not isinstance(output, torch.Tensor) or output.ndim != 3:
@@ -417,16 +372,9 @@ def _video_tokens_to_map(output: Any, capture: FeatureCapture) -> torch.Tensor:
     grid = capture.meta.get(_TOKEN_GRID_KEY)
     if grid is None:
         raise RuntimeError("Wan feature capture saw no transformer input (token grid unknown)")
-    frames, height, width = grid
-    batch, num_tokens, channels = output.shape
-    if num_tokens != frames * height * width:
-        raise ValueError(
-            f"block output has {num_tokens} video tokens, expected {frames} x {height} x {width} "
-            f"= {frames * height * width} (the token grid of the transformer input)"
-        )
     # patch_embedding (Conv3d) output [B, D, F', H', W'] is flatten(2)-ed: frame-major, then
     # row-major, so the inverse is a reshape to the grid.
-    return output.reshape(batch, frames, height, width, channels).permute(0, 4, 1, 2, 3)
+    return tokens_to_map(output, grid, "video")
 
 
 def attach_feature_capture(
@@ -447,7 +395,9 @@ def attach_feature_capture(
     capture = _attach_feature_capture(
         transformer, indices, blocks="blocks", transform=_video_tokens_to_map
     )
-    capture.add_input_hook(transformer, _note_token_grid(transformer))
+    capture.add_input_hook(
+        transformer, latent_grid_hook(_TOKEN_GRID_KEY, transformer.config.patch_size)
+    )
     return capture
 
 
@@ -464,8 +414,9 @@ def build_discriminator(
     """
     config = _config_of(model_or_config)
     indices = default_feature_indices(config) if feature_indices is None else feature_indices
-    inner_dim = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
-    return VideoDiTDiscriminator(inner_dim, len(set(indices)), hidden_channels=hidden_channels)
+    return VideoDiTDiscriminator(
+        inner_dim(config), len(set(indices)), hidden_channels=hidden_channels
+    )
 
 
 # -- pipeline glue ------------------------------------------------------------------------------
@@ -677,17 +628,6 @@ _FAMILY_KEYS = (
 )
 
 
-def _check_t_list(t_list: Sequence[float]) -> list[float]:
-    values = [float(t) for t in t_list]
-    if len(values) < 2 or values[-1] != 0.0 or any(a <= b for a, b in zip(values, values[1:])):
-        raise ValueError(
-            f"t_list={values} must be strictly decreasing, hold at least one rung, and end with 0.0"
-        )
-    if not 0.0 < values[0] <= 1.0:
-        raise ValueError(f"t_list={values} must start in (0, 1]")
-    return values
-
-
 def _flow_match_init_keys() -> set[str]:
     params = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
     return {name for name in params if name != "self"}
@@ -813,7 +753,7 @@ def closest_reachable_t_list(
     Train the student on this list when ``t_list`` itself is unreachable (see
     :func:`student_scheduler_config`).
     """
-    rungs = _check_t_list(t_list)[:-1]
+    rungs = validate_t_list(t_list)[:-1]
     return _best_schedule(rungs, _base_scheduler_config(base_config))[3]
 
 
@@ -855,9 +795,8 @@ def student_scheduler_config(
     ``["diffusers", "FlowMatchEulerDiscreteScheduler"]``. For a Wan 2.2 A14B pipeline the
     student replaces ``transformer`` and ``boundary_ratio`` / ``transformer_2`` must be unset.
     """
-    values = _check_t_list(t_list)
-    if sample_type not in ("ode", "sde"):
-        raise ValueError(f"sample_type={sample_type!r}; expected 'ode' or 'sde'")
+    values = validate_t_list(t_list)
+    validate_sample_type(sample_type)
     rungs = values[:-1]
     err, _, config, visited = _best_schedule(rungs, _base_scheduler_config(base_config))
     if err > atol:
@@ -890,5 +829,5 @@ def stock_pipeline_kwargs(t_list: Sequence[float]) -> dict[str, Any]:
     ``sample_student(..., generator=None)`` (given explicit ``latents``); the pipeline draws one
     extra, unused noise at the last step.
     """
-    values = _check_t_list(t_list)
+    values = validate_t_list(t_list)
     return {"num_inference_steps": len(values) - 1, "guidance_scale": 1.0}

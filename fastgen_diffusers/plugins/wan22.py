@@ -13,40 +13,6 @@ documented call works on a raw transformer and on :class:`WanWrapper` alike::
 
 from __future__ import annotations
 
-from .wan import (
-    DEFAULT_FEATURE_INDICES,
-    NUM_TRAIN_TIMESTEPS,
-    WAN_TEXT_TOKENS_WITH_IMAGE,
-    WanWrapper,
-    attach_feature_capture,
-    build_discriminator,
-    closest_reachable_t_list,
-    default_feature_indices,
-    denormalize_latents,
-    encode_prompt,
-    latent_shape,
-    normalize_latents,
-    pipeline_t_list,
-    prepare_image_condition,
-    stock_pipeline_kwargs,
-    student_scheduler_config,
-)
-
-__all__ = [
-    "DEFAULT_FEATURE_INDICES",
-    "NUM_TRAIN_TIMESTEPS",
-    "WAN_TEXT_TOKENS_WITH_IMAGE",
-    "WanWrapper",
-    "attach_feature_capture",
-    "build_discriminator",
-    "closest_reachable_t_list",
-    "default_feature_indices",
-    "denormalize_latents",
-    "encode_prompt",
-    "latent_shape",
-    "normalize_latents",
-    "pipeline_t_list",
-    "prepare_image_condition",
-    "stock_pipeline_kwargs",
-    "student_scheduler_config",
-]
+# The Wan plugin's public names, listed once in its __all__.
+from .wan import *  # noqa: F403
+from .wan import __all__  # noqa: F401

@@ -1,0 +1,243 @@
+"""What every family plugin shares: the wrapper base, config access, the student's stock
+scheduler config, and folding block tokens back into feature maps.
+
+Family modules (``sd3``, ``flux``, ``wan``, ``qwen_image``) stay one file each and import from
+here only logic that is the same in two or more of them; everything a family decides for itself
+(its call convention, token layout, messages) stays in its module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..features import FeatureCapture, unwrap_module
+from ..sampling import validate_t_list
+
+__all__ = [
+    "TransformerWrapper",
+    "cfg_get",
+    "config_of",
+    "find_transformer",
+    "flow_match_student_config",
+    "inner_dim",
+    "latent_grid_hook",
+    "scaled_initial_latents",
+    "tokens_to_map",
+    "validate_sample_type",
+]
+
+
+# -- the wrapper base ---------------------------------------------------------------------------
+
+
+class TransformerWrapper(nn.Module):
+    """Base of the family wrappers: holds the diffusers transformer as ``self.transformer`` and
+    exposes its ``config``, ``dtype`` and gradient-checkpointing switches.
+
+    Subclasses implement ``forward(hidden_states=x_t, timestep=t in [0, 1], ...)`` and read the
+    timestep through :meth:`_check_timestep`.
+    """
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+        # The range check syncs the device, so it runs on the first call only: a doubly scaled
+        # t (config.num_train_timesteps set with a wrapper) is wrong from step one.
+        self._timestep_checked = False
+
+    @property
+    def config(self) -> Any:
+        """The transformer's config."""
+        return self.transformer.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformer's compute dtype; inputs are cast to it.
+
+        diffusers' ``dtype`` skips ``_keep_in_fp32_modules`` and honours layerwise casting: the
+        compute dtype of a bf16 load is bf16 although some weights stay fp32.
+        """
+        return self.transformer.dtype
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.transformer.disable_gradient_checkpointing()
+
+    def _check_timestep(
+        self, timestep: torch.Tensor | float, batch: int, device: torch.device, *, scaling: str
+    ) -> torch.Tensor:
+        """``timestep`` as float32 ``[batch]`` (a scalar or ``[1]`` broadcasts).
+
+        On the first call (outside ``torch.compile`` tracing) it also checks that ``t`` lies in
+        [0, 1]; ``scaling`` says in the error who scales ``t`` to the transformer's range.
+        """
+        t = torch.as_tensor(timestep, device=device).float()
+        if t.ndim == 0 or t.shape == (1,):
+            t = t.reshape(()).expand(batch)
+        elif t.shape != (batch,):
+            raise ValueError(f"timestep must be [B={batch}] or a scalar, got {tuple(t.shape)}")
+        if not self._timestep_checked and not torch.compiler.is_compiling():
+            t_min, t_max = float(t.min()), float(t.max())
+            if t_max > 1.0 + 1e-4 or t_min < -1e-4:
+                raise ValueError(
+                    f"{type(self).__name__} takes the RF time t in [0, 1] and {scaling}; got t "
+                    f"in [{t_min}, {t_max}] (leave DistillationConfig.num_train_timesteps null "
+                    "with the wrapper)"
+                )
+            self._timestep_checked = True
+        return t
+
+
+# -- config access ------------------------------------------------------------------------------
+
+
+def cfg_get(config: Any, key: str) -> Any:
+    """``config[key]`` for a mapping (diffusers' ``FrozenDict``), else ``config.key``."""
+    if isinstance(config, Mapping):
+        return config[key]
+    return getattr(config, key)
+
+
+def find_transformer(
+    model: nn.Module,
+    matches: Callable[[nn.Module], bool],
+    error: type[Exception],
+    message: str,
+) -> nn.Module:
+    """The first module ``matches`` accepts among ``model`` and the modules it wraps (the family
+    wrapper's ``.transformer``, DDP's ``.module``, ``torch.compile``'s ``._orig_mod``, ...).
+
+    Raises ``error(f"{type(model).__name__} {message}")`` when there is none.
+    """
+    for module in unwrap_module(model):
+        if matches(module):
+            return module
+    raise error(f"{type(model).__name__} {message}")
+
+
+def config_of(
+    source: Any, find: Callable[[nn.Module], nn.Module], expected: str | None = None
+) -> Any:
+    """The transformer config behind ``source``.
+
+    A mapping is the config itself; a module (wrapper, raw transformer, DDP / compile wrapper)
+    gives the config of the transformer ``find`` returns; a pipeline (anything with a
+    ``.transformer``) gives its transformer's. Anything else is returned as a config read by
+    attribute (:func:`cfg_get`), or, with ``expected`` (what the caller accepts, for the
+    message), raises ``TypeError``.
+    """
+    if isinstance(source, Mapping):
+        return source
+    if isinstance(source, nn.Module):
+        return find(source).config
+    transformer = getattr(source, "transformer", None)  # a pipeline
+    if transformer is not None:
+        return transformer.config
+    if expected is None:
+        return source
+    raise TypeError(f"Expected {expected}, got {type(source).__name__}")
+
+
+def inner_dim(config: Any) -> int:
+    """The transformer's hidden width, ``num_attention_heads * attention_head_dim``."""
+    return int(cfg_get(config, "num_attention_heads")) * int(cfg_get(config, "attention_head_dim"))
+
+
+# -- feature maps -------------------------------------------------------------------------------
+
+
+def latent_grid_hook(key: str, patch_size: Sequence[int]) -> Callable[..., None]:
+    """A :meth:`FeatureCapture.add_input_hook` hook that notes the token grid of the latents
+    ``[B, C, *sizes]`` (``hidden_states``, by keyword or first) under ``capture.meta[key]``:
+    ``sizes // patch_size`` per axis."""
+    patch = tuple(int(p) for p in patch_size)
+
+    def hook(args: tuple, kwargs: dict, capture: FeatureCapture) -> None:
+        latents = kwargs.get("hidden_states", args[0] if args else None)
+        if isinstance(latents, torch.Tensor) and latents.ndim == 2 + len(patch):
+            capture.meta[key] = tuple(size // p for size, p in zip(latents.shape[2:], patch))
+
+    return hook
+
+
+def tokens_to_map(tokens: torch.Tensor, grid: Sequence[int], kind: str = "image") -> torch.Tensor:
+    """Fold block tokens ``[B, N, D]``, flattened row-major over ``grid`` (``(h, w)`` or
+    ``(f, h, w)``), back into a map ``[B, D, *grid]``.
+
+    ``kind`` names the tokens in the error raised when ``N`` is not the grid's size.
+    """
+    grid = tuple(int(g) for g in grid)
+    batch, num_tokens, channels = tokens.shape
+    if num_tokens != math.prod(grid):
+        raise ValueError(
+            f"block output has {num_tokens} {kind} tokens, expected "
+            f"{' x '.join(str(g) for g in grid)} = {math.prod(grid)} (the token grid of the "
+            "transformer input)"
+        )
+    return tokens.reshape(batch, *grid, channels).movedim(-1, 1)
+
+
+# -- the distilled student in a stock pipeline -------------------------------------------------
+
+
+def validate_sample_type(sample_type: str) -> str:
+    """``"ode"`` or ``"sde"`` (the student's transition), else ``ValueError``."""
+    if sample_type not in ("ode", "sde"):
+        raise ValueError(f"sample_type={sample_type!r}; expected 'ode' or 'sde'")
+    return sample_type
+
+
+def flow_match_student_config(
+    t_list: Sequence[float],
+    sample_type: str = "ode",
+    base_config: Mapping[str, Any] | None = None,
+    *,
+    num_train_timesteps: int = 1000,
+) -> dict[str, Any]:
+    """A ``FlowMatchEulerDiscreteScheduler`` config that leaves custom ``sigmas`` as given, for
+    pipelines that pass ``sigmas=t_list[:-1]`` (SD3, Flux, Qwen-Image).
+
+    ``set_timesteps(sigmas=...)`` shifts custom sigmas (statically with ``shift``, dynamically
+    with ``mu``), stretches them with ``shift_terminal`` and may convert them to Karras /
+    exponential / beta; all of that (and ``invert_sigmas``) is switched off, so the schedule is
+    ``t_list`` (the scheduler appends the final 0). ``sample_type="sde"`` sets
+    ``stochastic_sampling=True``. ``base_config`` keeps its other keys, except private ones
+    (diffusers resets the keys ``_use_default_values`` lists to their defaults on load, which
+    would undo these overrides) and ``use_flow_sigmas`` (``FluxPipeline`` drops custom sigmas
+    when it is set).
+    """
+    validate_t_list(t_list)
+    validate_sample_type(sample_type)
+    config = {
+        k: v
+        for k, v in dict(base_config or {}).items()
+        if not k.startswith("_") and k != "use_flow_sigmas"
+    }
+    config.update(
+        _class_name="FlowMatchEulerDiscreteScheduler",
+        num_train_timesteps=int(num_train_timesteps),
+        shift=1.0,
+        use_dynamic_shifting=False,
+        shift_terminal=None,
+        use_karras_sigmas=False,
+        use_exponential_sigmas=False,
+        use_beta_sigmas=False,
+        invert_sigmas=False,
+        stochastic_sampling=sample_type == "sde",
+    )
+    return config
+
+
+def scaled_initial_latents(noise: torch.Tensor, t_list: Sequence[float]) -> torch.Tensor:
+    """``t_list[0] * noise``, multiplied in float64 and cast back as
+    :func:`~fastgen_diffusers.sampling.sample_student` does: where the student starts. Stock
+    pipelines use given ``latents`` unscaled, so pass these (in the pipeline's layout)."""
+    t_list = validate_t_list(t_list)
+    return (noise.to(torch.float64) * t_list[0]).to(noise.dtype)
