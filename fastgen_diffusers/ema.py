@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 from .config import EMAConfig
 
-__all__ = ["ExponentialMovingAverage"]
+__all__ = ["ExponentialMovingAverage", "ema_weights"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Wrapper prefixes that must not change a parameter's identity in the shadow.
@@ -226,3 +227,24 @@ def _assign(target: torch.Tensor, shadow: torch.Tensor, name: str) -> None:
     raise ValueError(
         f"EMA shadow for {name!r} has shape {tuple(shadow.shape)}, target has {tuple(target.shape)}"
     )
+
+
+@contextlib.contextmanager
+def ema_weights(ema: ExponentialMovingAverage, model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily load the EMA weights into ``model`` (e.g. to validate or export them), then
+    put the live weights back.
+
+    Example::
+
+        with ema_weights(pipe.ema, student):
+            save_student_lora(student, "output/")
+    """
+    with torch.no_grad():
+        live = {name: p.detach().clone() for name, p in ema._named_params(model)}
+    ema.copy_to(model)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, param in ema._named_params(model):
+                param.copy_(live[name])

@@ -72,6 +72,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 "local": {n: p.to_local().clone() for n, p in model.named_parameters()},
             }
 
+        # create_fake_score refuses to deep-copy a sharded teacher; reusing it is allowed
+        sharded = _net()
+        fully_shard(sharded)
+        try:
+            fgd.create_fake_score(sharded)
+            results["fsdp_guard"] = "no error"
+        except RuntimeError as err:
+            results["fsdp_guard"] = str(err)
+        results["reuse_ok"] = fgd.create_fake_score(sharded, deep_copy=False) is sharded
+
         # backward simulation: each rank seeds differently, the rung must still agree
         torch.manual_seed(100 + rank)
         cfg = fgd.DMDConfig(
@@ -141,3 +151,16 @@ def test_backward_simulation_rung_is_shared_by_all_ranks(rank_results):
     rungs = [rank_results[r]["rungs"] for r in range(WORLD)]
     assert rungs[0] == rungs[1]
     assert len(set(rungs[0])) > 1  # it is random, just shared
+
+
+def test_create_fake_score_refuses_a_sharded_teacher(rank_results):
+    for rank in range(WORLD):
+        assert "FSDP-wrapped teacher" in rank_results[rank]["fsdp_guard"]
+        assert rank_results[rank]["reuse_ok"]
+
+
+def test_create_fake_score_refuses_an_fsdp1_wrapped_teacher():
+    teacher = nn.Module()
+    teacher._fsdp_wrapped_module = _net()  # FSDP1 keeps the wrapped module under this name
+    with pytest.raises(RuntimeError, match="FSDP-wrapped"):
+        fgd.create_fake_score(teacher)

@@ -1,0 +1,470 @@
+"""LoRA students and fake scores through peft, and one shared base for all three DMD2 roles.
+
+Four layouts of the networks :class:`~fastgen_diffusers.DMDPipeline` needs:
+
+=================  =====================================================================
+``full``           full student + full fake score: two trainable copies + frozen teacher
+``student_lora``   LoRA student (on its own frozen copy) + full fake score
+``separate_lora``  LoRA student + LoRA fake score, each on its own frozen copy
+``shared_lora``    one copy of the teacher's weights: the teacher is that base with adapters
+                   off, the student is adapter ``student``, the fake score adapter
+                   ``fake_score``
+=================  =====================================================================
+
+Each LoRA network is an :class:`AdapterRole`: a view of a peft-adapted model whose forward runs
+with one adapter (or none), whose ``parameters()`` are that adapter's weights only (so an
+optimizer, an EMA, DDP or a checkpoint of the view covers exactly the role), and which switches
+adapters without touching ``requires_grad``: peft's ``set_adapter`` / ``disable_adapters`` flip
+it, and autograd silently drops the gradient of a parameter whose ``requires_grad`` was switched
+off between its forward and the backward. With gradient checkpointing, recomputation in the
+backward runs with the adapter of the original forward (see :func:`enable_gradient_checkpointing`).
+
+Example::
+
+    from fastgen_diffusers.lora import LoraSettings, build_dmd_networks, save_student_lora
+    from fastgen_diffusers.plugins.sd3 import SD3Wrapper
+
+    nets = build_dmd_networks(SD3Wrapper(pipe.transformer), "shared_lora", LoraSettings(rank=64))
+    dmd = fgd.DMDPipeline(nets.student, nets.teacher, nets.fake_score, cfg)
+    student_opt = torch.optim.AdamW(nets.student.parameters(), lr=1e-5)
+    ...
+    save_student_lora(nets.student, "output/")  # pipe.load_lora_weights("output/") loads it
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .factory import create_fake_score
+from .features import detach_feature_capture, unwrap_module
+
+__all__ = [
+    "FAKE_SCORE_ADAPTER",
+    "LAYOUTS",
+    "STUDENT_ADAPTER",
+    "AdapterRole",
+    "DMDNetworks",
+    "LoraSettings",
+    "add_adapters",
+    "build_dmd_networks",
+    "default_target_modules",
+    "enable_gradient_checkpointing",
+    "fuse_student",
+    "save_student_lora",
+    "student_lora_state_dict",
+    "use_adapter",
+]
+
+LAYOUTS = ("full", "student_lora", "separate_lora", "shared_lora")
+STUDENT_ADAPTER = "student"
+FAKE_SCORE_ADAPTER = "fake_score"
+
+# Attention projections and feed-forwards of each family's transformer blocks (the defaults of
+# the diffusers DreamBooth LoRA scripts, plus the feed-forwards).
+_ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
+_JOINT_ATTN = _ATTN + ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+_DEFAULT_TARGETS: dict[str, list[str]] = {
+    "SD3Transformer2DModel": _JOINT_ATTN
+    + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
+    "FluxTransformer2DModel": _JOINT_ATTN
+    + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp"],
+    "WanTransformer3DModel": [
+        f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")
+    ]
+    + ["ffn.net.0.proj", "ffn.net.2"],
+    "QwenImageTransformer2DModel": _JOINT_ATTN
+    + ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"],
+}
+# diffusers' LoRA loader mixin per transformer class: writes the file its pipeline loads.
+_LORA_LOADERS = {
+    "SD3Transformer2DModel": "SD3LoraLoaderMixin",
+    "FluxTransformer2DModel": "FluxLoraLoaderMixin",
+    "WanTransformer3DModel": "WanLoraLoaderMixin",
+    "QwenImageTransformer2DModel": "QwenImageLoraLoaderMixin",
+}
+_STATE_ATTR = "_fastgen_adapter_state"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyperparameters shared by the student and fake-score adapters.
+
+    Args:
+        rank: LoRA rank ``r``.
+        alpha: ``lora_alpha`` (scale ``alpha / rank``); ``None`` means ``rank`` (scale 1).
+        dropout: dropout on the LoRA branch.
+        init: peft's ``init_lora_weights`` (``True``: B = 0, so a new adapter starts as the
+            teacher; ``"gaussian"``, ``"pissa"``, ...).
+        target_modules: module-name suffixes to adapt; ``None`` takes the family default
+            (:func:`default_target_modules`).
+    """
+
+    rank: int = 16
+    alpha: float | None = None
+    dropout: float = 0.0
+    init: bool | str = True
+    target_modules: list[str] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    def peft_config(self, model: nn.Module) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha if self.alpha is not None else self.rank,
+            lora_dropout=self.dropout,
+            init_lora_weights=self.init,
+            target_modules=list(self.target_modules or default_target_modules(model)),
+        )
+
+
+def _adapted_model(model: nn.Module) -> nn.Module:
+    """The innermost module holding the weights (the diffusers transformer inside a wrapper)."""
+    modules = list(unwrap_module(model))
+    for candidate in modules:
+        if type(candidate).__name__ in _DEFAULT_TARGETS:
+            return candidate
+    return modules[-1]
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """The family's default LoRA targets: attention projections and feed-forwards."""
+    inner = _adapted_model(model)
+    try:
+        return list(_DEFAULT_TARGETS[type(inner).__name__])
+    except KeyError:
+        raise ValueError(
+            f"No default LoRA targets for {type(inner).__name__}; pass target_modules "
+            f"(known families: {', '.join(sorted(_DEFAULT_TARGETS))})"
+        ) from None
+
+
+def _tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _adapter_params(model: nn.Module, adapter: str) -> set[int]:
+    ids: set[int] = set()
+    for layer in _tuner_layers(model):
+        for attr in layer.adapter_layer_names:
+            holder = getattr(layer, attr, None)
+            if isinstance(holder, (nn.ModuleDict, nn.ParameterDict)) and adapter in holder:
+                item = holder[adapter]
+                ids.update(
+                    id(p) for p in ([item] if isinstance(item, nn.Parameter) else item.parameters())
+                )
+    return ids
+
+
+def add_adapters(model: nn.Module, settings: LoraSettings, names: Sequence[str]) -> nn.Module:
+    """Inject one LoRA adapter per name into ``model`` (in place) and make exactly the adapters
+    trainable: base weights frozen, every adapter ``requires_grad=True`` (set once, never
+    flipped, so DDP registers all of them and no gradient is dropped)."""
+    inner = _adapted_model(model)
+    config = settings.peft_config(model)
+    for name in names:
+        with warnings.catch_warnings():
+            # peft warns that a second adapter joins the first: that is the point here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            if hasattr(inner, "add_adapter") and hasattr(inner, "_hf_peft_config_loaded"):
+                # diffusers models: their own path, which records peft_config for saving
+                inner.add_adapter(copy.deepcopy(config), adapter_name=name)
+            else:
+                inject_adapter_in_model(copy.deepcopy(config), inner, adapter_name=name)
+        if not _adapter_params(inner, name):
+            raise ValueError(
+                f"LoRA target_modules {config.target_modules} matched no layer of "
+                f"{type(inner).__name__}"
+            )
+    adapter_ids = set().union(*(_adapter_params(inner, n) for n in names))
+    for param in inner.parameters():
+        param.requires_grad_(id(param) in adapter_ids)
+    _set_state(inner, None)
+    return model
+
+
+def _set_state(model: nn.Module, adapter: str | None) -> None:
+    for layer in _tuner_layers(model):
+        # Set peft's flags directly: its set_adapter / enable_adapters also flip requires_grad.
+        layer._disable_adapters = adapter is None
+        if adapter is not None:
+            layer._active_adapter = [adapter]
+    object.__setattr__(model, _STATE_ATTR, adapter)
+
+
+@contextlib.contextmanager
+def use_adapter(model: nn.Module, adapter: str | None) -> Iterator[None]:
+    """Run ``model`` with ``adapter`` active (``None``: adapters off) inside the block, then
+    restore the previous state. ``requires_grad`` is left untouched."""
+    inner = _adapted_model(model)
+    previous = getattr(inner, _STATE_ATTR, None)
+    _set_state(inner, adapter)
+    try:
+        yield
+    finally:
+        _set_state(inner, previous)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on the diffusers model's gradient checkpointing with an adapter-aware checkpoint.
+
+    Recomputation happens in the backward, after other roles may have switched the shared
+    model's adapter: the checkpoint records the adapter active at forward time and restores it
+    for the recomputation (non-reentrant ``torch.utils.checkpoint`` with ``context_fn``).
+    """
+    inner = _adapted_model(model)
+
+    def adapter_checkpoint(block: nn.Module, *args: Any) -> Any:
+        adapter = getattr(inner, _STATE_ATTR, None)
+
+        def context_fn() -> tuple[Any, Any]:
+            return contextlib.nullcontext(), use_adapter(inner, adapter)
+
+        return checkpoint(block.__call__, *args, use_reentrant=False, context_fn=context_fn)
+
+    adapter_checkpoint._fastgen_adapter_aware = True  # type: ignore[attr-defined]
+    inner.enable_gradient_checkpointing(gradient_checkpointing_func=adapter_checkpoint)
+
+
+def _check_checkpointing(model: nn.Module) -> None:
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if func is not None and not getattr(func, "_fastgen_adapter_aware", False):
+                raise RuntimeError(
+                    "Gradient checkpointing on a model shared by several adapters must restore "
+                    "the adapter when recomputing: enable it with "
+                    "fastgen_diffusers.lora.enable_gradient_checkpointing(model), not the "
+                    "model's own enable_gradient_checkpointing()"
+                )
+
+
+class AdapterRole(nn.Module):
+    """One DMD2 role of a peft-adapted model: the model run with ``adapter`` (``None``: base).
+
+    ``parameters()`` / ``named_parameters()`` / ``state_dict()`` cover the role's own weights
+    (the adapter's, or the base weights for ``adapter=None``) under the model's parameter
+    names. ``train()`` / ``eval()`` switch only the adapter's dropout, so freezing the teacher
+    role does not put the shared model in eval mode. Move the model itself between devices.
+    """
+
+    def __init__(self, module: nn.Module, adapter: str | None) -> None:
+        super().__init__()
+        object.__setattr__(self, "module", module)  # not a submodule: see parameters()
+        self.adapter = adapter
+        inner = _adapted_model(module)
+        if adapter is not None and not _adapter_params(inner, adapter):
+            raise ValueError(f"{type(inner).__name__} has no LoRA adapter named {adapter!r}")
+
+    def _role_ids(self) -> set[int]:
+        inner = _adapted_model(self.module)
+        if self.adapter is not None:
+            return _adapter_params(inner, self.adapter)
+        adapters = {n for layer in _tuner_layers(inner) for n in layer.lora_A}
+        adapter_ids = (
+            set().union(*(_adapter_params(inner, n) for n in adapters)) if adapters else set()
+        )
+        return {id(p) for p in self.module.parameters()} - adapter_ids
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        ids = self._role_ids()
+        for name, param in self.module.named_parameters(remove_duplicate=remove_duplicate):
+            if id(param) in ids:
+                yield (f"{prefix}.{name}" if prefix else name), param
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        for _, param in self.named_parameters():
+            yield param
+
+    def state_dict(self, *args: Any, prefix: str = "", keep_vars: bool = False, **kwargs: Any):
+        return OrderedDict(
+            (prefix + name, p if keep_vars else p.detach()) for name, p in self.named_parameters()
+        )
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ):
+        own = dict(self.named_parameters())
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"{self!r}: state dict does not match the role's weights; missing "
+                f"{missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        with torch.no_grad():
+            for name, value in state_dict.items():
+                if name in own:
+                    own[name].copy_(value)
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def train(self, mode: bool = True) -> AdapterRole:
+        self.training = mode
+        if self.adapter is not None:
+            for layer in _tuner_layers(_adapted_model(self.module)):
+                dropout = getattr(layer, "lora_dropout", {})
+                if self.adapter in dropout:
+                    dropout[self.adapter].train(mode)
+        return self
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.module, "config", None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        _check_checkpointing(self.module)
+        with use_adapter(self.module, self.adapter):
+            return self.module(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"adapter={self.adapter!r}, module={type(self.module).__name__}"
+
+
+@dataclass
+class DMDNetworks:
+    """The three networks of one layout, ready for :class:`~fastgen_diffusers.DMDPipeline`.
+
+    ``base`` is the model carrying both adapters in the ``shared_lora`` layout (move it to the
+    device, shard it, checkpoint it), else ``None``.
+    """
+
+    student: nn.Module
+    teacher: nn.Module
+    fake_score: nn.Module
+    layout: str
+    base: nn.Module | None = None
+
+
+def _frozen_copy(teacher: nn.Module) -> nn.Module:
+    clone = copy.deepcopy(teacher)
+    detach_feature_capture(clone)
+    clone.requires_grad_(False)
+    return clone
+
+
+def build_dmd_networks(
+    teacher: nn.Module, layout: str = "full", lora: LoraSettings | None = None
+) -> DMDNetworks:
+    """Build student, teacher and fake score from a loaded teacher in one of :data:`LAYOUTS`.
+
+    Students and LoRA fake scores start equal to the teacher (copies, or zero-initialised
+    LoRA). In ``shared_lora`` no copy is made: ``teacher`` itself becomes the shared base.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout == "full":
+        student = create_fake_score(teacher)  # a trainable deep copy, like the fake score
+        return DMDNetworks(student, teacher, create_fake_score(teacher), layout)
+    lora = lora or LoraSettings()
+    if layout == "student_lora":
+        base = add_adapters(_frozen_copy(teacher), lora, [STUDENT_ADAPTER])
+        return DMDNetworks(
+            AdapterRole(base, STUDENT_ADAPTER), teacher, create_fake_score(teacher), layout
+        )
+    if layout == "separate_lora":
+        student_base = add_adapters(_frozen_copy(teacher), lora, [STUDENT_ADAPTER])
+        fake_base = add_adapters(_frozen_copy(teacher), lora, [FAKE_SCORE_ADAPTER])
+        return DMDNetworks(
+            AdapterRole(student_base, STUDENT_ADAPTER),
+            teacher,
+            AdapterRole(fake_base, FAKE_SCORE_ADAPTER),
+            layout,
+        )
+    add_adapters(teacher, lora, [STUDENT_ADAPTER, FAKE_SCORE_ADAPTER])
+    return DMDNetworks(
+        AdapterRole(teacher, STUDENT_ADAPTER),
+        AdapterRole(teacher, None),
+        AdapterRole(teacher, FAKE_SCORE_ADAPTER),
+        layout,
+        base=teacher,
+    )
+
+
+# -- export -----------------------------------------------------------------------------------
+
+
+def student_lora_state_dict(student: AdapterRole) -> dict[str, torch.Tensor]:
+    """The student adapter in diffusers' LoRA key format (``...lora_A.weight``, no adapter
+    name), on the CPU."""
+    inner = _adapted_model(student.module)
+    state = get_peft_model_state_dict(inner, adapter_name=student.adapter)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def _lora_metadata(student: AdapterRole) -> dict[str, Any]:
+    # The adapter's LoraConfig, as diffusers' own training scripts store it: load_lora_weights
+    # rebuilds the adapter (rank, alpha, targets) from it.
+    inner = _adapted_model(student.module)
+    return inner.peft_config[student.adapter].to_dict()
+
+
+def save_student_lora(
+    student: AdapterRole,
+    save_directory: str | os.PathLike,
+    weight_name: str = "pytorch_lora_weights.safetensors",
+) -> str:
+    """Write the student adapter where ``Pipeline.load_lora_weights(save_directory)`` finds it,
+    with its adapter metadata (rank, alpha, targets). The file is written under a temporary
+    name and renamed, so an interrupted save leaves no partial file. Returns the file's path.
+    """
+    import diffusers.loaders.lora_pipeline as lora_pipeline
+
+    inner = _adapted_model(student.module)
+    loader_name = _LORA_LOADERS.get(type(inner).__name__)
+    if loader_name is None:
+        raise ValueError(
+            f"No diffusers LoRA format for {type(inner).__name__} "
+            f"(supported: {', '.join(sorted(_LORA_LOADERS))})"
+        )
+    loader = getattr(lora_pipeline, loader_name)
+    os.makedirs(save_directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-lora-") as tmp:
+        loader.save_lora_weights(
+            tmp,
+            transformer_lora_layers=student_lora_state_dict(student),
+            transformer_lora_adapter_metadata=_lora_metadata(student),
+            weight_name=weight_name,
+        )
+        final = os.path.join(save_directory, weight_name)
+        os.replace(os.path.join(tmp, weight_name), final)
+    return final
+
+
+def fuse_student(student: AdapterRole) -> nn.Module:
+    """A plain diffusers transformer with the student adapter merged into its weights (a copy:
+    the training model is left as it is). Save it with ``save_pretrained``."""
+    inner = _adapted_model(student.module)
+    fused = copy.deepcopy(inner)
+    detach_feature_capture(fused)
+    object.__setattr__(fused, _STATE_ATTR, None)
+    for layer in _tuner_layers(fused):
+        layer._disable_adapters = False
+        layer.merge(adapter_names=[student.adapter])
+    fused.unload_lora()  # swaps every LoRA layer for its (now merged) base layer
+    fused.requires_grad_(False)
+    return fused
