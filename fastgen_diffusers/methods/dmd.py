@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..config import DMDConfig
 from ..ema import ExponentialMovingAverage
@@ -126,8 +127,14 @@ class DMDPipeline(DistillationPipeline):
         self.discriminator = discriminator
         self.batch_cfg = batch_cfg
         self._iteration = 0
+        # The EMA tracks the module inside a DDP wrapper (DDP's own parameter listing can miss
+        # parameters a wrapped view exposes, and its names carry a "module." prefix).
+        is_ddp = isinstance(student, DistributedDataParallel)
+        self._ema_target = student.module if is_ddp else student
         self._ema = (
-            ExponentialMovingAverage(student, config.ema) if config.ema is not None else None
+            ExponentialMovingAverage(self._ema_target, config.ema)
+            if config.ema is not None
+            else None
         )
 
     @property
@@ -475,4 +482,4 @@ class DMDPipeline(DistillationPipeline):
         if self._ema is None:
             return
         self._iteration = iteration if iteration is not None else self._iteration + 1
-        self._ema.update(self.student, iteration=self._iteration)
+        self._ema.update(self._ema_target, iteration=self._iteration)

@@ -1,0 +1,25 @@
+"""Training machinery behind ``train_dmd2.py``: data and embedding cache, the accelerate loop,
+checkpoints and exact resume, validation, export, model card, Hub upload.
+
+Example::
+
+    from fastgen_diffusers.training import parse_args, train
+
+    train(parse_args())
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["build_parser", "load_recipe", "parse_args", "train"]
+
+_LOCATIONS = {"build_parser": "args", "parse_args": "args", "load_recipe": "loop", "train": "loop"}
+
+
+def __getattr__(name: str) -> Any:
+    # Submodules load on first use, so `training.hub` or `training.data` import on their own.
+    if name in _LOCATIONS:
+        return getattr(importlib.import_module(f".{_LOCATIONS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

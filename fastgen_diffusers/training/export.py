@@ -1,0 +1,77 @@
+"""Export of the distilled student in diffusers format.
+
+The output folder gets ``transformer/`` (a full student, ``save_pretrained``) or
+``pytorch_lora_weights.safetensors`` (a LoRA student, ``pipe.load_lora_weights``), plus
+``scheduler/scheduler_config.json``: the scheduler under which the family's stock pipeline
+follows the student's rungs. With EMA on, the EMA weights are exported.
+
+Example::
+
+    export_student("out", student=nets.student, family=family, ema=dmd.ema,
+                   scheduler_config=family.student_scheduler_config(t_list, "ode", base))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..ema import ExponentialMovingAverage, ema_weights
+from ..lora import AdapterRole, save_student_lora
+
+__all__ = ["export_student", "write_json_atomic"]
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=".tmp-", suffix=".json", delete=False
+    ) as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        tmp = f.name
+    os.replace(tmp, path)
+    return path
+
+
+def _save_transformer(model: nn.Module, output_dir: Path) -> Path:
+    transformer = getattr(model, "transformer", model)
+    final = output_dir / "transformer"
+    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".tmp-transformer-"))
+    try:
+        transformer.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def export_student(
+    output_dir: str | os.PathLike,
+    *,
+    student: nn.Module,
+    scheduler_config: dict[str, Any],
+    ema: ExponentialMovingAverage | None = None,
+) -> list[Path]:
+    """Write the student (EMA weights when ``ema`` is given) and its scheduler config; returns
+    the written paths. ``student`` is unwrapped (no DDP / FSDP wrapper)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    weights = ema_weights(ema, student) if ema is not None else contextlib.nullcontext()
+    with weights:
+        if isinstance(student, AdapterRole):
+            written = [Path(save_student_lora(student, output_dir))]
+        else:
+            written = [_save_transformer(student, output_dir)]
+    config = {k: v for k, v in scheduler_config.items()}
+    written.append(write_json_atomic(output_dir / "scheduler" / "scheduler_config.json", config))
+    return written

@@ -1,0 +1,447 @@
+"""Model card (``README.md``) of an exported DMD2 student.
+
+The card states what the student is (an N-step DMD2 student of the base model, the recipe and its
+key values) and how to run it in the family's stock diffusers pipeline: the student's
+transformer (or LoRA) and the shipped ``scheduler/scheduler_config.json``, called with the family
+plugin's :func:`stock_pipeline_kwargs`. Metadata (``base_model``, ``library_name``, tags,
+``widget``) follows the diffusers training scripts (``populate_model_card``). The file is
+written atomically (temporary sibling, then rename).
+
+Example::
+
+    from fastgen_diffusers.training.model_card import write_model_card
+
+    write_model_card(
+        "out", base_model="stabilityai/stable-diffusion-3.5-medium", family="sd3",
+        recipe_name="general/distillation/dmd2_sd35_medium", recipe=cfg,
+        t_list=[0.999, 0.75, 0.5, 0.25, 0.0], sample_type="sde", lora=False,
+        pipeline_class_name="StableDiffusion3Pipeline", repo_id="me/sd35m-dmd2-4step",
+        validation_images=[("validation/student-0.png", "a cat")],
+    )
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from ..config import DMDConfig
+
+__all__ = ["TRANSFORMER_CLASSES", "render_usage_snippet", "write_model_card"]
+
+# The transformer class of each family plugin (diffusers names).
+TRANSFORMER_CLASSES: dict[str, str] = {
+    "sd3": "SD3Transformer2DModel",
+    "flux": "FluxTransformer2DModel",
+    "wan": "WanTransformer3DModel",
+    "wan22": "WanTransformer3DModel",
+    "qwen_image": "QwenImageTransformer2DModel",
+}
+_VIDEO_FAMILIES = ("wan", "wan22")
+_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+_DEFAULT_PROMPT = "A photo of a red fox in the snow"
+
+# The card is built here, not with diffusers' `load_or_create_model_card`: for a Hub id that
+# helper returns the card already on the Hub unchanged (a re-trained student would keep the old
+# schedule) and needs the network; its training template leaves "How to use" as a TODO, and
+# the usage snippet is the point of this card. `populate_model_card` adds the diffusers metadata.
+_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+{{ model_description }}
+"""
+
+
+def _literal(value: Any, name: str) -> str:
+    """``value`` as Python source, for call arguments copied into the snippet."""
+    if value is None or isinstance(value, (bool, str)):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(int(value))
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"pipeline argument {name}={value!r} is not a finite number")
+        return repr(float(value))
+    if isinstance(value, (list, tuple)):
+        items = ", ".join(_literal(v, name) for v in value)
+        return f"[{items}]"
+    # numpy / torch scalars (e.g. rungs read from a tensor) render as plain numbers.
+    if hasattr(value, "item") and callable(value.item):
+        return _literal(value.item(), name)
+    raise TypeError(
+        f"pipeline argument {name}={value!r} ({type(value).__name__}) cannot be written into the "
+        "usage snippet; expected None, bool, int, float, str or a list of those"
+    )
+
+
+def _check_family(family: str) -> str:
+    if family not in TRANSFORMER_CLASSES:
+        raise ValueError(
+            f"family={family!r} is not a model family; expected one of "
+            f"{sorted(TRANSFORMER_CLASSES)}"
+        )
+    return family
+
+
+def _check_pipeline_class(name: str) -> str:
+    import diffusers
+
+    # dir() lists the lazily imported names without importing each pipeline module.
+    if not name.isidentifier() or name not in dir(diffusers):
+        raise ValueError(
+            f"pipeline_class_name={name!r} is not a diffusers pipeline class "
+            "(e.g. 'StableDiffusion3Pipeline', 'FluxPipeline', 'WanPipeline')"
+        )
+    return name
+
+
+def _hub_id(name: str) -> str | None:
+    """``name`` if it is a Hub model id, ``None`` for a local path (the Hub rejects a card whose
+    ``base_model`` is not a model id)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _task(family: str, pipeline_class_name: str) -> str:
+    if family in _VIDEO_FAMILIES:
+        return "image-to-video" if "ImageToVideo" in pipeline_class_name else "text-to-video"
+    return "text-to-image"
+
+
+def render_usage_snippet(
+    *,
+    base_model: str,
+    repo: str,
+    family: str,
+    pipeline_class_name: str,
+    lora: bool,
+    pipeline_kwargs: Mapping[str, Any],
+    prompt: str = _DEFAULT_PROMPT,
+) -> str:
+    """Python source that runs the student in the stock diffusers pipeline.
+
+    A full student loads ``transformer/`` from ``repo`` into the base model's pipeline; a LoRA
+    student loads the base pipeline and ``pipe.load_lora_weights(repo)``. Both take the scheduler
+    from ``repo``'s ``scheduler/`` subfolder and call the pipeline with ``pipeline_kwargs``
+    written as literals.
+    """
+    _check_family(family)
+    task = _task(family, pipeline_class_name)
+    transformer_class = TRANSFORMER_CLASSES[family]
+    names = sorted(
+        {"FlowMatchEulerDiscreteScheduler", pipeline_class_name}
+        | (set() if lora else {transformer_class})
+    )
+    lines = ["import torch", f"from diffusers import {', '.join(names)}"]
+    utils = (["export_to_video"] if task != "text-to-image" else []) + (
+        ["load_image"] if task == "image-to-video" else []
+    )
+    if utils:
+        lines.append(f"from diffusers.utils import {', '.join(utils)}")
+    lines += [
+        "",
+        f"base_model = {base_model!r}",
+        f"student = {repo!r}",
+        "",
+        "# The scheduler config makes the pipeline visit the student's timesteps.",
+        "scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(",
+        '    student, subfolder="scheduler"',
+        ")",
+    ]
+    if lora:
+        lines += [
+            f"pipe = {pipeline_class_name}.from_pretrained(",
+            "    base_model, scheduler=scheduler, torch_dtype=torch.bfloat16",
+            ")",
+            f"pipe.load_lora_weights(student, weight_name={_LORA_WEIGHTS!r})",
+        ]
+    else:
+        lines += [
+            f"transformer = {transformer_class}.from_pretrained(",
+            '    student, subfolder="transformer", torch_dtype=torch.bfloat16',
+            ")",
+            f"pipe = {pipeline_class_name}.from_pretrained(",
+            "    base_model,",
+            "    transformer=transformer,",
+            "    scheduler=scheduler,",
+            "    torch_dtype=torch.bfloat16,",
+            ")",
+        ]
+    lines.append('pipe.to("cuda")')
+    lines.append("")
+    call = [f"    {prompt!r},"]
+    if task == "image-to-video":
+        call.append('    image=load_image("first_frame.png"),')
+    call += [f"    {key}={_literal(value, key)}," for key, value in pipeline_kwargs.items()]
+    if task == "text-to-image":
+        lines += ["image = pipe(", *call, ").images[0]", 'image.save("student.png")']
+    else:
+        lines += [
+            "video = pipe(",
+            *call,
+            ").frames[0]",
+            'export_to_video(video, "student.mp4", fps=16)',
+        ]
+    return "\n".join(lines)
+
+
+def _widget(
+    output_dir: Path, validation_images: Sequence[str | os.PathLike | tuple[Any, str]]
+) -> list[dict[str, Any]]:
+    """Widget entries (``{"text": prompt, "output": {"url": path}}``) for sample files that ship
+    in ``output_dir``; a bare path has no prompt."""
+    widget = []
+    for item in validation_images:
+        path, prompt = item if isinstance(item, tuple) else (item, "")
+        path = Path(path)
+        full = path if path.is_absolute() else output_dir / path
+        try:
+            relative = full.resolve().relative_to(output_dir.resolve())
+        except ValueError:
+            raise ValueError(
+                f"validation image {str(path)!r} is outside output_dir={str(output_dir)!r}; the "
+                "card can only show files that are uploaded with the model"
+            ) from None
+        if not full.is_file():
+            raise FileNotFoundError(f"validation image {str(full)!r} does not exist")
+        # The Hub shows " " for an empty prompt, as the diffusers training scripts write it.
+        widget.append({"text": prompt or " ", "output": {"url": relative.as_posix()}})
+    return widget
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def _recipe_rows(
+    recipe: DMDConfig, t_list: Sequence[float], sample_type: str
+) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = [
+        ("student steps", len(t_list) - 1),
+        ("student timesteps (`t_list`)", list(t_list)),
+        ("sampling", "SDE (x0, then fresh noise)" if sample_type == "sde" else "ODE (Euler)"),
+        ("teacher CFG scale", recipe.guidance_scale if recipe.guidance_scale else "off"),
+        ("timestep distribution", recipe.sample_t_cfg.time_dist_type),
+        ("fake-score parameterisation", recipe.fake_score_pred_type or recipe.pred_type),
+        ("student update every", f"{recipe.student_update_freq} critic steps"),
+        ("GAN generator weight", recipe.gan_loss_weight_gen or "off"),
+    ]
+    if recipe.gan_r1_reg_weight > 0:
+        rows.append(("R1 weight", recipe.gan_r1_reg_weight))
+    rows.append(("backward simulation", "yes" if recipe.backward_simulation else "no"))
+    if recipe.ema is not None:
+        rows.append(("EMA", f"{recipe.ema.type}, exported weights are the EMA"))
+    return rows
+
+
+def _description(
+    *,
+    base_model: str,
+    repo: str,
+    family: str,
+    recipe_name: str,
+    recipe: DMDConfig,
+    t_list: Sequence[float],
+    sample_type: str,
+    lora: bool,
+    pipeline_class_name: str,
+    pipeline_kwargs: Mapping[str, Any],
+    widget: list[dict[str, Any]],
+    extra: Mapping[str, Any] | None,
+) -> str:
+    steps = len(t_list) - 1
+    kind = "LoRA adapter" if lora else "full transformer"
+    base = (
+        f"[{base_model}](https://huggingface.co/{base_model})"
+        if _hub_id(base_model)
+        else f"`{base_model}`"
+    )
+    parts = [
+        f"A {steps}-step DMD2 student of {base}, "
+        f"distilled with the `{recipe_name}` recipe (distribution matching distillation with "
+        f"a fake-score critic{' and a GAN head' if recipe.gan_loss_weight_gen > 0 else ''}). "
+        f"The weights are a {kind}: "
+        + (
+            f"`{_LORA_WEIGHTS}` on top of the base model's transformer."
+            if lora
+            else "`transformer/`, a drop-in replacement for the base model's."
+        ),
+    ]
+    if widget:
+        parts += ["", "<Gallery />"]
+    snippet = render_usage_snippet(
+        base_model=base_model,
+        repo=repo,
+        family=family,
+        pipeline_class_name=pipeline_class_name,
+        lora=lora,
+        pipeline_kwargs=pipeline_kwargs,
+        prompt=next((w["text"] for w in widget if w["text"].strip()), _DEFAULT_PROMPT),
+    )
+    parts += [
+        "",
+        "## Use it with 🧨 diffusers",
+        "",
+        f"The student runs in the stock `{pipeline_class_name}`. The scheduler shipped in "
+        "`scheduler/scheduler_config.json` makes the pipeline visit the student's timesteps; "
+        "call it with the arguments below"
+        + (
+            " (classifier-free guidance is distilled into the student, so it stays off)."
+            if recipe.guidance_scale
+            else "."
+        ),
+        "",
+        "```python",
+        snippet,
+        "```",
+    ]
+    if family in _VIDEO_FAMILIES:
+        parts += [
+            "",
+            "Wan pipelines take no `sigmas`: the student's schedule lives entirely in the shipped "
+            "scheduler config, so only `num_inference_steps` is passed. For a Wan 2.2 A14B base "
+            "model also pass `transformer_2=None, boundary_ratio=None` to `from_pretrained`.",
+        ]
+    if t_list[0] != 1.0:
+        parts += [
+            "",
+            f"The student starts from `{_fmt(t_list[0])} * noise` while the pipeline starts from "
+            f"the noise as drawn; pass `latents={_fmt(t_list[0])} * noise` for exactly the "
+            "student's trajectory.",
+        ]
+    rows = _recipe_rows(recipe, t_list, sample_type)
+    rows += [(str(k), v) for k, v in (extra or {}).items()]
+    parts += ["", "## Training details", "", "| | |", "|---|---|"]
+    parts += [f"| {name} | {_fmt(value)} |" for name, value in rows]
+    return "\n".join(parts)
+
+
+def _write_atomic(card: ModelCard, path: Path) -> None:
+    # A unique sibling opened with "x" (not mkstemp, which creates it 0600): the card keeps the
+    # permissions of the files next to it.
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    try:
+        with open(tmp, "x", encoding="utf-8", newline="") as f:
+            f.write(str(card))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_model_card(
+    output_dir: str | os.PathLike,
+    *,
+    base_model: str,
+    family: str,
+    recipe_name: str,
+    recipe: DMDConfig,
+    t_list: Sequence[float],
+    sample_type: str,
+    lora: bool,
+    pipeline_class_name: str,
+    repo_id: str | None = None,
+    validation_images: Sequence[str | os.PathLike | tuple[Any, str]] = (),
+    extra: Mapping[str, Any] | None = None,
+    pipeline_kwargs: Mapping[str, Any] | None = None,
+    license: str | None = None,
+) -> Path:
+    """Write ``output_dir/README.md`` for the exported student; returns its path.
+
+    Args:
+        base_model: the teacher's Hub id (or path), loaded by the snippet for the other components.
+        family: plugin name (``"sd3"``, ``"flux"``, ``"wan"``, ``"wan22"``, ``"qwen_image"``).
+        recipe_name / recipe: the recipe's name and its resolved :class:`DMDConfig`.
+        t_list: the student's rungs, ending with 0.0 (``len(t_list) - 1`` steps).
+        sample_type: ``"ode"`` or ``"sde"``, as in the shipped scheduler config.
+        lora: the student ships as ``pytorch_lora_weights.safetensors`` instead of
+            ``transformer/``.
+        pipeline_class_name: the stock pipeline, e.g. ``"FluxPipeline"``.
+        repo_id: where the student will live on the Hub; ``None`` writes the absolute
+            ``output_dir`` into the snippet.
+        validation_images: sample files inside ``output_dir``, as paths or ``(path, prompt)``
+            pairs; they become widget entries.
+        extra: further ``name: value`` rows of the training-details table (steps, batch size...).
+        pipeline_kwargs: call arguments of the snippet; default: the family plugin's
+            ``stock_pipeline_kwargs(t_list)`` (pass Flux-dev's with its embedded guidance).
+        license: the card's license (usually the base model's).
+    """
+    from diffusers.utils.hub_utils import populate_model_card
+
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise FileNotFoundError(f"output_dir={str(output_dir)!r} is not a directory")
+    _check_family(family)
+    _check_pipeline_class(pipeline_class_name)
+    if sample_type not in ("ode", "sde"):
+        raise ValueError(f"sample_type={sample_type!r}; expected 'ode' or 'sde'")
+    t_list = [float(t) for t in t_list]
+    if len(t_list) < 2 or t_list[-1] != 0.0:
+        raise ValueError(f"t_list={t_list} must hold the student's rungs followed by 0.0")
+    if len(t_list) - 1 != recipe.student_sample_steps:
+        raise ValueError(
+            f"t_list={t_list} has {len(t_list) - 1} steps but the recipe's "
+            f"student_sample_steps={recipe.student_sample_steps}"
+        )
+    if pipeline_kwargs is None:
+        plugin = importlib.import_module(f"fastgen_diffusers.plugins.{family}")
+        pipeline_kwargs = plugin.stock_pipeline_kwargs(t_list)
+
+    repo = repo_id if repo_id is not None else str(output_dir.resolve())
+    widget = _widget(output_dir, validation_images)
+    task = _task(family, pipeline_class_name)
+    description = _description(
+        base_model=base_model,
+        repo=repo,
+        family=family,
+        recipe_name=recipe_name,
+        recipe=recipe,
+        t_list=t_list,
+        sample_type=sample_type,
+        lora=lora,
+        pipeline_class_name=pipeline_class_name,
+        pipeline_kwargs=pipeline_kwargs,
+        widget=widget,
+        extra=extra,
+    )
+    card_data = ModelCardData(
+        license=license,
+        library_name="diffusers",
+        base_model=_hub_id(base_model),
+        pipeline_tag=task,
+        widget=widget or None,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_str=_TEMPLATE,
+        title=f"{repo_id or output_dir.name}: {len(t_list) - 1}-step DMD2 student",
+        model_description=description,
+    )
+    tags = ["diffusers", "dmd2", "distillation", "few-step", family, task]
+    if lora:
+        tags.append("lora")
+    card = populate_model_card(card, tags=tags)
+    path = output_dir / "README.md"
+    _write_atomic(card, path)
+    return path

@@ -1,0 +1,487 @@
+"""``train_dmd2.py`` end to end on tiny local pipelines: SD3 (full student, EMA), Flux (shared-base
+LoRA with the GAN branch on images), Wan (video); the exported student in the stock pipeline;
+exact resume; the Hub upload against a stand-in server; bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from hub_server import TOKEN, StandInHub
+from PIL import Image
+from tiny_pipelines import CALL_KWARGS, save_tiny_flux, save_tiny_sd3, save_tiny_wan
+
+from fastgen_diffusers.sampling import sample_student
+from fastgen_diffusers.training import parse_args, train
+from fastgen_diffusers.training.families import family_from_pretrained
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["a cat", "a dog", "a red car", "a tree", "a house", "a boat"]
+
+
+def write_prompts(path: Path, prompts=PROMPTS) -> Path:
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts))
+    return path
+
+
+def write_images(folder: Path, n: int = 4, size: tuple[int, int] = (24, 16)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        name = f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+            folder / name
+        )
+        rows.append(json.dumps({"file_name": name, "text": PROMPTS[i]}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def args_for(model: Path, recipe: Path, data: Path, out: Path, *extra: str, family="sd3"):
+    size = CALL_KWARGS[family]
+    argv = [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--recipe",
+        str(recipe),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--height",
+        str(size["height"]),
+        "--width",
+        str(size["width"]),
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+        "--seed",
+        "3",
+    ]
+    if "num_frames" in size:
+        argv += ["--num_frames", str(size["num_frames"])]
+    return parse_args(argv + list(extra))
+
+
+def losses(out: Path) -> dict[int, dict]:
+    rows = {}
+    for line in (out / "logs" / "losses.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row  # a resumed run appends: the last entry of a step wins
+    return rows
+
+
+SD3_RECIPE = """\
+guidance_scale: 2.0
+student_update_freq: 2
+sample_t_cfg:
+  time_dist_type: logitnormal
+ema:
+  decay: 0.9
+"""
+
+
+@pytest.fixture(scope="module")
+def sd3_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3")
+    model = save_tiny_sd3(root / "model")
+    recipe = write_recipe(root / "recipe.yaml", SD3_RECIPE)
+    data = write_prompts(root / "prompts.jsonl")
+    out = root / "out"
+    args = args_for(
+        model,
+        recipe,
+        data,
+        out,
+        "--max_train_steps",
+        "6",
+        "--checkpointing_steps",
+        "3",
+        "--validation_steps",
+        "3",
+        "--validation_prompts",
+        "a cat",
+        "a dog",
+        "--teacher_validation_steps",
+        "4",
+        "--report_to",
+        "tensorboard",
+        "--checkpoints_total_limit",
+        "1",
+    )
+    train(args)
+    return root, model, recipe, data, out
+
+
+def test_sd3_run_writes_a_complete_output(sd3_run):
+    root, model, recipe, data, out = sd3_run
+    assert (out / "transformer" / "config.json").is_file()
+    assert (out / "scheduler" / "scheduler_config.json").is_file()
+    card = (out / "README.md").read_text()
+    assert "StableDiffusion3Pipeline" in card and "sigmas=[0.999]" in card
+    pngs = sorted(p.name for p in (out / "validation").glob("*.png"))
+    assert pngs == [
+        "student-000000.png",
+        "student-000003.png",
+        "student-000006.png",
+        "teacher-000000.png",
+    ]
+    assert Image.open(out / "validation" / "student-000003.png").size == (2 * 24, 2 * 16)
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert (out / "checkpoint-3" / "COMPLETE").is_file()
+    assert list((out / "logs" / "dmd2").glob("events.out.tfevents*"))  # tensorboard
+    rows = losses(out)
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    assert "student/vsd" in rows[1] and "fake_score/fake_score" in rows[2]  # alternation
+    assert all(np.isfinite(v) for r in rows.values() for k, v in r.items() if k != "step")
+    # the cache is reused by a second run on the same inputs
+    assert len(list((out / "cache").iterdir())) == 1
+
+
+def test_sd3_export_runs_in_the_stock_pipeline(sd3_run):
+    root, model, recipe, data, out = sd3_run
+    family = family_from_pretrained(model)
+    pipe = family.load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    from diffusers import SD3Transformer2DModel
+
+    pipe.transformer = SD3Transformer2DModel.from_pretrained(out, subfolder="transformer")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
+    t_list = [0.999, 0.0]
+    shape = family.latent_shape(pipe, 16, 24)
+    noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
+    stock = pipe(
+        prompt="a cat",
+        latents=t_list[0] * noise,
+        output_type="latent",
+        height=16,
+        width=24,
+        **family.stock_pipeline_kwargs(t_list),
+    ).images
+    cond = family.encode_prompts(pipe, ["a cat"])
+    ehs = cond.pop("encoder_hidden_states")
+    ours = sample_student(
+        family.wrap(pipe.transformer), noise, t_list, encoder_hidden_states=ehs, model_kwargs=cond
+    )
+    torch.testing.assert_close(stock, ours, rtol=1e-4, atol=1e-5)
+    # the exported weights are the EMA of the student, not the teacher's
+    teacher = family.load_pipeline(model).transformer
+    diff = max(
+        (a - b).abs().max().item()
+        for a, b in zip(teacher.parameters(), pipe.transformer.parameters())
+    )
+    assert diff > 1e-6
+
+
+def test_resume_reproduces_the_straight_run_exactly(sd3_run, tmp_path):
+    root, model, recipe, data, out = sd3_run
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copytree(out / "cache", resumed / "cache")
+    # a half-written later checkpoint must be ignored by "latest"
+    shutil.copytree(out / "checkpoint-3", resumed / "checkpoint-5")
+    (resumed / "checkpoint-5" / "COMPLETE").unlink()
+    args = args_for(
+        model,
+        recipe,
+        data,
+        resumed,
+        "--max_train_steps",
+        "6",
+        "--checkpointing_steps",
+        "3",
+        "--resume_from_checkpoint",
+        "latest",
+    )
+    train(args)
+    straight, again = losses(out), losses(resumed)
+    assert sorted(again) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert again[step] == straight[step]  # exact, float for float
+    from safetensors.torch import load_file
+
+    a = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_flux_shared_lora_with_gan_on_images(tmp_path):
+    model = save_tiny_flux(tmp_path / "model")
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml",
+        """\
+student_sample_steps: 2
+student_update_freq: 2
+gan_loss_weight_gen: 0.1
+gan_r1_reg_weight: 10.0
+gan_use_same_t_noise: true
+sample_t_cfg:
+  time_dist_type: uniform
+  t_list: [0.999, 0.5, 0.0]
+""",
+    )
+    images = write_images(tmp_path / "images")
+    out = tmp_path / "out"
+    train(
+        args_for(
+            model,
+            recipe,
+            images,
+            out,
+            "--use_lora",
+            "--rank",
+            "4",
+            "--max_train_steps",
+            "4",
+            "--gradient_checkpointing",
+            "--gradient_accumulation_steps",
+            "2",
+            family="flux",
+        )
+    )
+    rows = losses(out)
+    assert "student/gan_gen" in rows[1] and "discriminator/r1" in rows[2]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert not (out / "transformer").exists()
+
+    family = family_from_pretrained(model)
+    pipe = family.load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(out)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
+    t_list = [0.999, 0.5, 0.0]
+    shape = family.latent_shape(pipe, 16, 24)
+    noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
+    from fastgen_diffusers.plugins import flux
+
+    stock = pipe(
+        prompt="a cat",
+        latents=flux.student_initial_latents(noise, t_list),
+        height=16,
+        width=24,
+        output_type="latent",
+        **family.stock_pipeline_kwargs(t_list),
+    ).images
+    cond = family.encode_prompts(pipe, ["a cat"])
+    ehs = cond.pop("encoder_hidden_states")
+    ours = sample_student(
+        family.wrap(pipe.transformer), noise, t_list, encoder_hidden_states=ehs, model_kwargs=cond
+    )
+    torch.testing.assert_close(stock, flux.pack_latents(ours), rtol=1e-4, atol=1e-5)
+
+
+def test_wan_video_student(tmp_path):
+    model = save_tiny_wan(tmp_path / "model")
+    recipe = write_recipe(tmp_path / "recipe.yaml", "guidance_scale: 3.0\nstudent_update_freq: 2\n")
+    out = tmp_path / "out"
+    train(
+        args_for(
+            model,
+            recipe,
+            write_prompts(tmp_path / "p.jsonl"),
+            out,
+            "--max_train_steps",
+            "3",
+            "--validation_prompts",
+            "a cat",
+            "--validation_steps",
+            "3",
+            family="wan",
+        )
+    )
+    assert (out / "transformer" / "config.json").is_file()
+    snippet = (out / "README.md").read_text().split("```python")[1].split("```")[0]
+    assert "WanPipeline" in snippet and "sigmas" not in snippet  # Wan takes no sigmas
+    from diffusers import WanTransformer3DModel
+
+    family = family_from_pretrained(model)
+    pipe = family.load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer = WanTransformer3DModel.from_pretrained(out, subfolder="transformer")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
+    size = CALL_KWARGS["wan"]
+    video = pipe(
+        prompt="a cat", output_type="pt", **size, **family.stock_pipeline_kwargs([0.999, 0.0])
+    ).frames
+    assert video.shape[1:3] == (size["num_frames"], 3) and torch.isfinite(video).all()
+
+
+def test_push_to_hub_against_a_stand_in_server(tmp_path, monkeypatch):
+    model = save_tiny_sd3(tmp_path / "model")
+    recipe = write_recipe(tmp_path / "recipe.yaml", "student_update_freq: 2\n")
+    out = tmp_path / "out"
+    with StandInHub() as hub:
+        monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", hub.url)
+        train(
+            args_for(
+                model,
+                recipe,
+                write_prompts(tmp_path / "p.jsonl"),
+                out,
+                "--max_train_steps",
+                "2",
+                "--checkpointing_steps",
+                "1",
+                "--push_to_hub",
+                "--hub_model_id",
+                "me/tiny-dmd2",
+                "--hub_token",
+                TOKEN,
+            )
+        )
+        files = hub.repos["me/tiny-dmd2"]["files"]
+    assert "README.md" in files and "scheduler/scheduler_config.json" in files
+    assert "transformer/diffusion_pytorch_model.safetensors" in files
+    assert not any(f.startswith(("checkpoint-", "logs/", "cache/")) for f in files)
+    assert files["README.md"] == (out / "README.md").read_bytes()
+
+
+def test_failed_upload_keeps_the_output_and_says_so(tmp_path):
+    model = save_tiny_sd3(tmp_path / "model")
+    recipe = write_recipe(tmp_path / "recipe.yaml", "student_update_freq: 2\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train_dmd2.py"),
+            "--pretrained_model_name_or_path",
+            str(model),
+            "--recipe",
+            str(recipe),
+            "--dataset_name",
+            str(write_prompts(tmp_path / "p.jsonl")),
+            "--output_dir",
+            str(out),
+            "--height",
+            "16",
+            "--width",
+            "24",
+            "--max_train_steps",
+            "1",
+            "--report_to",
+            "none",
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/x",
+            "--hub_token",
+            TOKEN,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "me/x" in result.stderr and "intact" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (out / "transformer" / "config.json").is_file() and (out / "README.md").is_file()
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    return save_tiny_sd3(tmp_path_factory.mktemp("bad") / "model")
+
+
+def test_bad_inputs_give_clear_errors(tiny_sd3, tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", "student_update_freq: 2\n")
+    prompts = write_prompts(tmp_path / "p.jsonl")
+
+    no_column = tmp_path / "no_column.jsonl"
+    no_column.write_text(json.dumps({"caption": "a cat"}) + "\n")
+    with pytest.raises(ValueError, match="'text'.*caption"):
+        train(args_for(tiny_sd3, recipe, no_column, tmp_path / "o1", "--max_train_steps", "1"))
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        train(args_for(tiny_sd3, recipe, empty, tmp_path / "o2", "--max_train_steps", "1"))
+
+    images = write_images(tmp_path / "images")
+    (images / "1.png").write_bytes(b"not a png")
+    gan = write_recipe(tmp_path / "gan.yaml", "gan_loss_weight_gen: 0.1\n")
+    with pytest.raises(Exception, match="row 1.*1.png"):
+        train(args_for(tiny_sd3, gan, images, tmp_path / "o3", "--max_train_steps", "1"))
+
+    typo = write_recipe(tmp_path / "typo.yaml", "guidance_scal: 2.0\n")
+    with pytest.raises(ValueError, match="guidance_scal"):
+        train(args_for(tiny_sd3, typo, prompts, tmp_path / "o4", "--max_train_steps", "1"))
+
+    with pytest.raises(ValueError, match="needs real images"):
+        train(args_for(tiny_sd3, gan, prompts, tmp_path / "o5", "--max_train_steps", "1"))
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: use a path under a file
+            target = tmp_path / "a_file" / "out"
+            (tmp_path / "a_file").write_text("")
+        else:
+            target = locked / "out"
+        with pytest.raises(PermissionError, match="not writable"):
+            train(args_for(tiny_sd3, recipe, prompts, target, "--max_train_steps", "1"))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_help_documents_every_flag():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train_dmd2.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for flag in (
+        "--pretrained_model_name_or_path",
+        "--recipe",
+        "--recipe_overrides",
+        "--dataset_name",
+        "--use_lora",
+        "--lora_layout",
+        "--rank",
+        "--resume_from_checkpoint",
+        "--push_to_hub",
+        "--validation_prompts",
+        "--checkpoints_total_limit",
+        "--mixed_precision",
+        "--max_grad_norm",
+    ):
+        assert flag in result.stdout
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train_dmd2.py"),
+            "--pretrained_model_name_or_path",
+            "x",
+            "--recipe",
+            "r",
+            "--dataset_name",
+            "d",
+            "--rank",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "--rank must be >= 1, got 0" in bad.stderr
