@@ -14,17 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
+from fastgen_diffusers.training.cache import CachedDataset, build_cache, cache_fingerprint
 from fastgen_diffusers.training.data import (
-    CachedDataset,
-    ResumableRandomSampler,
-    build_cache,
-    cache_fingerprint,
     load_training_dataset,
     load_video,
     preprocess_image,
     preprocess_video,
     select_training_columns,
 )
+from fastgen_diffusers.training.sampler import ResumableRandomSampler
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

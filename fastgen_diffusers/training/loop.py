@@ -42,10 +42,12 @@ from ..lora import (
 )
 from ..methods import DMDPipeline
 from . import validation
+from .cache import build_cache
 from .checkpointing import checkpoint_step, resolve_resume, save_checkpoint
-from .data import ResumableRandomSampler, build_cache, load_training_dataset
+from .data import load_training_dataset
 from .export import export_student
 from .families import family_from_pretrained
+from .sampler import ResumableRandomSampler
 
 __all__ = ["load_recipe", "train"]
 

@@ -1,0 +1,501 @@
+"""An on-disk cache of what the frozen encoders produce for the training data.
+
+The text encoders and the VAE are frozen, so their outputs only need computing once per dataset:
+:func:`build_cache` runs them over every sample, stores the results under
+``cache_dir/<fingerprint>/`` and returns a :class:`CachedDataset` that reads them back. The caller
+can then free the encoders before training. A second run with the same inputs reuses the cache
+without calling the encoders; any change of model, resolution, negative prompt or data gives a
+new fingerprint, hence a new cache.
+
+Example::
+
+    from fastgen_diffusers.training.cache import build_cache
+    from fastgen_diffusers.training.data import load_training_dataset
+    from fastgen_diffusers.training.sampler import ResumableRandomSampler
+
+    dataset = load_training_dataset("prompts.jsonl")  # or a Hub name, or an image folder
+    cached = build_cache(
+        dataset,
+        cache_dir="cache",
+        fingerprint_parts={"model": model_id, "revision": revision, "max_sequence_length": 256},
+        encode_prompts=lambda prompts: {"encoder_hidden_states": ..., "pooled_projections": ...},
+        encode_media=None,  # or pixels [B, 3, H, W] in [-1, 1] -> normalised VAE latents
+        negative_prompt="",
+        batch_size=8,
+        resolution=1024,
+    )
+    del text_encoders, vae  # nothing reads them any more
+    sampler = ResumableRandomSampler(len(cached), seed=0)
+    batch = cached.collate([cached[i] for i in sampler.take(4)])
+    batch["cond"]["encoder_hidden_states"]  # [4, L, D]; cached.negative has batch size 1
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import operator
+import os
+import shutil
+import tempfile
+from bisect import bisect_right
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .data import (
+    IMAGE_COLUMN,
+    PROMPT_COLUMN,
+    VIDEO_COLUMN,
+    Resolution,
+    _as_hw,
+    _media_column,
+    _pixels,
+)
+
+__all__ = ["CachedDataset", "EmbeddingCache", "build_cache", "cache_fingerprint"]
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+NEGATIVE_FILE = "negative.safetensors"
+
+
+# -- the embedding cache -------------------------------------------------------------------------
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (os.PathLike, torch.dtype, torch.device)):
+        return str(value)
+    # repr() of arbitrary objects may hold memory addresses: the fingerprint would never repeat.
+    raise TypeError(
+        f"{where} is a {type(value).__name__}; fingerprint values must be str, int, float, bool, "
+        "None, paths, torch dtypes / devices, or lists / dicts of them"
+    )
+
+
+def _fingerprint_inputs(
+    dataset: datasets.Dataset,
+    fingerprint_parts: Mapping[str, Any],
+    *,
+    resolution: Resolution | None,
+    num_frames: int | None,
+    negative_prompt: str | None,
+    with_latents: bool,
+) -> dict[str, Any]:
+    return {
+        "format": CACHE_FORMAT_VERSION,
+        "dataset": dataset._fingerprint,
+        "num_rows": len(dataset),
+        "parts": _jsonable(dict(fingerprint_parts), "fingerprint_parts"),
+        "resolution": None if resolution is None else list(_as_hw(resolution)),
+        "num_frames": num_frames,
+        "negative_prompt": negative_prompt,
+        "latents": with_latents,
+    }
+
+
+def cache_fingerprint(
+    dataset: datasets.Dataset,
+    fingerprint_parts: Mapping[str, Any],
+    *,
+    resolution: Resolution | None = None,
+    num_frames: int | None = None,
+    negative_prompt: str | None = "",
+    with_latents: bool = False,
+) -> str:
+    """sha256 (hex) of everything a cache's content depends on.
+
+    ``fingerprint_parts`` holds what only the caller knows (model id, revision, variant, family,
+    dtype, max sequence length, ...); the dataset's own ``_fingerprint`` (which follows its files
+    and selections), resolution, frames, negative prompt and whether latents are cached are added
+    here.
+    """
+    inputs = _fingerprint_inputs(
+        dataset,
+        fingerprint_parts,
+        resolution=resolution,
+        num_frames=num_frames,
+        negative_prompt=negative_prompt,
+        with_latents=with_latents,
+    )
+    return _hash(inputs)
+
+
+def _hash(inputs: Mapping[str, Any]) -> str:
+    text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _to_cpu(value: Any, name: str, batch: int, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{what} returned {type(value).__name__} for {name!r}; expected a tensor with the "
+            "batch as first dim (pad to a fixed length with a mask instead of returning None)"
+        )
+    if value.dim() == 0 or value.shape[0] != batch:
+        raise ValueError(
+            f"{what} returned {name!r} of shape {tuple(value.shape)} for {batch} samples; "
+            "expected the batch as first dim"
+        )
+    return value.detach().to("cpu").contiguous()
+
+
+class _Spec:
+    """Per-sample shape and dtype of every cached tensor: all batches must agree, so that cached
+    samples stack into any batch."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+
+    def check(self, tensors: Mapping[str, torch.Tensor], what: str, rows: str) -> None:
+        if not self.entries:
+            self.entries = {k: (tuple(v.shape[1:]), v.dtype) for k, v in tensors.items()}
+            return
+        if set(tensors) != set(self.entries):
+            raise ValueError(
+                f"{what} returned keys {sorted(tensors)} for {rows}, but {sorted(self.entries)} "
+                "before"
+            )
+        for key, value in tensors.items():
+            got, expected = (tuple(value.shape[1:]), value.dtype), self.entries[key]
+            if got != expected:
+                raise ValueError(
+                    f"{what} returned {key!r} with per-sample shape {got[0]} and {got[1]} for "
+                    f"{rows}, but {expected[0]} and {expected[1]} before: cached samples must "
+                    "share a shape (pad prompts to a fixed max_sequence_length)"
+                )
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: {"shape": list(s), "dtype": str(d)} for k, (s, d) in self.entries.items()}
+
+
+class EmbeddingCache:
+    """The cache directory ``cache_dir/<fingerprint>/`` of one set of inputs.
+
+    Layout: ``shard-00000.safetensors``, ... (tensors ``cond.<key>`` and ``latents``, the batch
+    first), ``negative.safetensors`` and ``index.json`` (prompts, shard ranges, shapes, the
+    fingerprint's inputs). Built in a temporary sibling directory and renamed into place when
+    complete, so a directory named by a fingerprint is always a whole cache.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, fingerprint: str):
+        self.root = Path(cache_dir)
+        self.fingerprint = fingerprint
+        self.path = self.root / fingerprint
+
+    def exists(self) -> bool:
+        return (self.path / INDEX_FILE).is_file()
+
+    def load(self) -> CachedDataset:
+        return CachedDataset(self.path)
+
+    def build(
+        self,
+        dataset: datasets.Dataset,
+        *,
+        encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
+        encode_media: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        negative_prompt: str | None = "",
+        batch_size: int = 8,
+        resolution: Resolution | None = None,
+        num_frames: int | None = None,
+        samples_per_shard: int = 1024,
+        inputs: Mapping[str, Any] | None = None,
+    ) -> CachedDataset:
+        """Run the encoders over ``dataset`` and write the cache; returns it loaded."""
+        if batch_size < 1 or samples_per_shard < 1:
+            raise ValueError(
+                f"batch_size and samples_per_shard must be >= 1, got {batch_size} and "
+                f"{samples_per_shard}"
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.fingerprint[:16]}-", dir=self.root))
+        try:
+            self._write(
+                tmp,
+                dataset,
+                encode_prompts=encode_prompts,
+                encode_media=encode_media,
+                negative_prompt=negative_prompt,
+                batch_size=batch_size,
+                resolution=resolution,
+                num_frames=num_frames,
+                samples_per_shard=samples_per_shard,
+                inputs=inputs,
+            )
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if self.path.is_dir() and not self.exists():
+            # Not written by `build` (which renames only whole caches): stale, replace it.
+            shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            os.rename(tmp, self.path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not self.exists():
+                raise
+            # Another process finished the same cache first; its content is the same.
+        return self.load()
+
+    def _write(
+        self,
+        out: Path,
+        dataset: datasets.Dataset,
+        *,
+        encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
+        encode_media: Callable[[torch.Tensor], torch.Tensor] | None,
+        negative_prompt: str | None,
+        batch_size: int,
+        resolution: Resolution | None,
+        num_frames: int | None,
+        samples_per_shard: int,
+        inputs: Mapping[str, Any] | None,
+    ) -> None:
+        media = _media_column(dataset) if encode_media is not None else None
+        # Read only what is encoded: media not turned into latents are never decoded.
+        rows = dataset.select_columns([PROMPT_COLUMN] + ([media] if media else []))
+        if media is not None and isinstance(
+            dataset.features[media], (datasets.Image, datasets.Video)
+        ):
+            # Decode here rather than in `datasets`, so that errors can name the row and file.
+            feature = datasets.Image if media == IMAGE_COLUMN else datasets.Video
+            rows = rows.cast_column(media, feature(decode=False))
+
+        cond_spec, latent_spec = _Spec(), _Spec()
+        prompts: list[str] = []
+        shards: list[dict[str, Any]] = []
+        pending: dict[str, list[torch.Tensor]] = {}
+        pending_start = 0
+
+        def flush(stop: int) -> None:
+            nonlocal pending, pending_start
+            if stop == pending_start:
+                return
+            name = f"shard-{len(shards):05d}.safetensors"
+            save_file({k: torch.cat(v) for k, v in pending.items()}, str(out / name))
+            shards.append({"file": name, "start": pending_start, "stop": stop})
+            pending, pending_start = {}, stop
+
+        n = len(rows)
+        logger.info("Encoding %d samples into %s", n, self.path)
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            batch = rows[start:stop]
+            texts = list(batch[PROMPT_COLUMN])
+            for i, text in enumerate(texts):
+                if not isinstance(text, str):
+                    raise ValueError(f"row {start + i}: prompt {text!r} is not a string")
+            what = f"rows {start}..{stop - 1}"
+            with torch.no_grad():
+                cond = encode_prompts(texts)
+            if not isinstance(cond, Mapping) or not cond:
+                raise TypeError(
+                    f"encode_prompts returned {type(cond).__name__}; expected a non-empty dict "
+                    "of tensors"
+                )
+            cond = {k: _to_cpu(v, k, len(texts), "encode_prompts") for k, v in cond.items()}
+            cond_spec.check(cond, "encode_prompts", what)
+            tensors = {f"cond.{k}": v for k, v in cond.items()}
+            if media is not None:
+                pixels = torch.stack(
+                    [
+                        _pixels(value, media, start + i, resolution, num_frames)
+                        for i, value in enumerate(batch[media])
+                    ]
+                )
+                with torch.no_grad():
+                    latents = _to_cpu(encode_media(pixels), "latents", len(texts), "encode_media")
+                latent_spec.check({"latents": latents}, "encode_media", what)
+                tensors["latents"] = latents
+            for key, value in tensors.items():
+                pending.setdefault(key, []).append(value)
+            prompts.extend(texts)
+            if stop - pending_start >= samples_per_shard:
+                flush(stop)
+        flush(n)
+
+        has_negative = negative_prompt is not None
+        if has_negative:
+            with torch.no_grad():
+                negative = encode_prompts([negative_prompt])
+            negative = {k: _to_cpu(v, k, 1, "encode_prompts") for k, v in negative.items()}
+            cond_spec.check(negative, "encode_prompts", "the negative prompt")
+            save_file(negative, str(out / NEGATIVE_FILE))
+
+        index = {
+            "format": CACHE_FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "num_samples": n,
+            "shards": shards,
+            "cond": cond_spec.to_json(),
+            "latents": latent_spec.to_json().get("latents"),
+            "negative": has_negative,
+            "inputs": dict(inputs or {}),
+            "prompts": prompts,
+        }
+        (out / INDEX_FILE).write_text(json.dumps(index, ensure_ascii=False), encoding="utf-8")
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Cached conditioning (and latents) of a dataset, read lazily from the safetensors shards.
+
+    ``dataset[i]`` is ``{"prompt": str, "cond": {key: Tensor}, "latents": Tensor}`` (``latents``
+    absent when none were cached), each tensor without the batch dim. ``negative`` holds the
+    negative prompt's conditioning with batch size 1 (``None`` without a negative prompt).
+    ``collate`` stacks samples into a batch.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        index_file = self.path / INDEX_FILE
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{self.path} is not an embedding cache (no {INDEX_FILE})")
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        if index.get("format") != CACHE_FORMAT_VERSION:
+            raise ValueError(
+                f"cache {self.path} has format {index.get('format')!r}; expected "
+                f"{CACHE_FORMAT_VERSION}"
+            )
+        self.fingerprint: str = index["fingerprint"]
+        self.prompts: list[str] = index["prompts"]
+        self.cond_keys: list[str] = list(index["cond"])
+        self.has_latents: bool = index["latents"] is not None
+        self.inputs: dict[str, Any] = index["inputs"]
+        self._shards: list[dict[str, Any]] = index["shards"]
+        self._starts = [shard["start"] for shard in self._shards]
+        self.negative: dict[str, torch.Tensor] | None = (
+            load_file(str(self.path / NEGATIVE_FILE)) if index["negative"] else None
+        )
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index, n = operator.index(index), len(self.prompts)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} cached samples")
+        index %= n
+        shard = bisect_right(self._starts, index) - 1
+        offset = index - self._starts[shard]
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = safe_open(str(self.path / self._shards[shard]["file"]), framework="pt")
+            self._handles[shard] = handle
+
+        def read(name: str) -> torch.Tensor:
+            return handle.get_slice(name)[offset : offset + 1][0]
+
+        sample: dict[str, Any] = {
+            "prompt": self.prompts[index],
+            "cond": {key: read(f"cond.{key}") for key in self.cond_keys},
+        }
+        if self.has_latents:
+            sample["latents"] = read("latents")
+        return sample
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open shard handles do not pickle (DataLoader workers): each process reopens its own.
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    @staticmethod
+    def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """``{"prompt": [str], "cond": {key: [B, ...]}, "latents": [B, ...]}`` from samples."""
+        if not samples:
+            raise ValueError("cannot collate an empty list of samples")
+        batch: dict[str, Any] = {
+            "prompt": [s["prompt"] for s in samples],
+            "cond": {k: torch.stack([s["cond"][k] for s in samples]) for k in samples[0]["cond"]},
+        }
+        if "latents" in samples[0]:
+            batch["latents"] = torch.stack([s["latents"] for s in samples])
+        return batch
+
+
+def build_cache(
+    dataset: datasets.Dataset,
+    *,
+    cache_dir: str | os.PathLike,
+    fingerprint_parts: Mapping[str, Any],
+    encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
+    encode_media: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    negative_prompt: str | None = "",
+    batch_size: int = 8,
+    resolution: Resolution | None = None,
+    num_frames: int | None = None,
+    samples_per_shard: int = 1024,
+) -> CachedDataset:
+    """Encode every sample of ``dataset`` once and cache the results on disk.
+
+    ``encode_prompts(prompts)`` returns a dict of tensors with the batch as first dim (e.g.
+    ``{"encoder_hidden_states": [B, L, D], "pooled_projections": [B, P]}``), the same keys and
+    per-sample shapes for every batch. ``encode_media(pixels)`` maps ``[B, 3, H, W]`` images
+    (``[B, 3, F, H, W]`` videos) in [-1, 1], preprocessed to ``resolution`` and ``num_frames``,
+    to the latents the networks train on (normalised as the family's VAE needs); leave it
+    ``None`` to cache prompts only. Both run under ``torch.no_grad``; moving inputs to the
+    encoders' device and dtype is theirs to do. The negative prompt (``None``: none) is encoded
+    once into :attr:`CachedDataset.negative`.
+
+    The cache lives in ``cache_dir/<fingerprint>/`` (:func:`cache_fingerprint` of
+    ``fingerprint_parts`` and the other inputs). When it is already there the encoders are not
+    called. Under several processes, let one build it first (``accelerator.main_process_first()``);
+    concurrent builds are safe but repeat the work.
+    """
+    if PROMPT_COLUMN not in dataset.column_names:
+        raise ValueError(
+            f"the dataset has no {PROMPT_COLUMN!r} column (columns: {dataset.column_names}): "
+            "load it with load_training_dataset or select_training_columns"
+        )
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: nothing to cache")
+    media = _media_column(dataset)
+    if encode_media is not None:
+        if media is None:
+            raise ValueError(
+                f"encode_media was given but the dataset has no {IMAGE_COLUMN!r} or "
+                f"{VIDEO_COLUMN!r} column (columns: {dataset.column_names})"
+            )
+        if resolution is None:
+            raise ValueError("resolution is required to encode images or videos, got None")
+    if resolution is not None:
+        _as_hw(resolution)
+    inputs = _fingerprint_inputs(
+        dataset,
+        fingerprint_parts,
+        resolution=resolution,
+        num_frames=num_frames,
+        negative_prompt=negative_prompt,
+        with_latents=encode_media is not None,
+    )
+    cache = EmbeddingCache(cache_dir, _hash(inputs))
+    if cache.exists():
+        logger.info("Reusing the embedding cache %s", cache.path)
+        return cache.load()
+    return cache.build(
+        dataset,
+        encode_prompts=encode_prompts,
+        encode_media=encode_media,
+        negative_prompt=negative_prompt,
+        batch_size=batch_size,
+        resolution=resolution,
+        num_frames=num_frames,
+        samples_per_shard=samples_per_shard,
+        inputs=inputs,
+    )
