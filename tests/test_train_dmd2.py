@@ -485,3 +485,23 @@ def test_help_documents_every_flag():
         text=True,
     )
     assert bad.returncode == 2 and "--rank must be >= 1, got 0" in bad.stderr
+
+
+def test_shared_lora_resume_reproduces_the_straight_run(tmp_path):
+    model = save_tiny_sd3(tmp_path / "model")
+    recipe = write_recipe(tmp_path / "recipe.yaml", SD3_RECIPE)
+    data = write_prompts(tmp_path / "p.jsonl")
+    lora = ("--use_lora", "--rank", "4", "--max_train_steps", "6", "--checkpointing_steps", "3")
+    straight = tmp_path / "straight"
+    train(args_for(model, recipe, data, straight, *lora))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    train(args_for(model, recipe, data, resumed, *lora, "--resume_from_checkpoint", "latest"))
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == [4, 5, 6] and all(b[s] == a[s] for s in (4, 5, 6))
+    from safetensors.torch import load_file
+
+    wa = load_file(straight / "pytorch_lora_weights.safetensors")
+    wb = load_file(resumed / "pytorch_lora_weights.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
