@@ -21,7 +21,7 @@ from . import flow_matching, losses, utils
 from .config import DistillationConfig, DMDConfig, EMAConfig, SampleTimestepConfig
 from .discriminators import ImageDiTDiscriminator, VideoDiTDiscriminator
 from .ema import ExponentialMovingAverage
-from .factory import create_fake_score
+from .factory import create_fake_score, create_fake_score_meta
 from .features import attach_feature_capture, get_feature_capture
 from .loader import load_config, load_dmd_config
 from .methods import DMDPipeline
@@ -41,6 +41,7 @@ __all__ = [
     "VideoDiTDiscriminator",
     "attach_feature_capture",
     "create_fake_score",
+    "create_fake_score_meta",
     "flow_matching",
     "get_feature_capture",
     "load_config",
