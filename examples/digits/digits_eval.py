@@ -1,5 +1,7 @@
 """Data, classifier and metrics for the 8x8 handwritten digits that scikit-learn ships.
 
+(Needs ``pip install scikit-learn`` for the digits data.)
+
 The digits (1797 images, ``sklearn.datasets.load_digits``) are upsampled bilinearly to 32x32 and
 mapped to [-1, 1]; a fixed 20% split is held out. A small CNN trained on the training split
 classifies images, and its penultimate features give a Frechet distance to the held-out digits::
