@@ -259,10 +259,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     classifier = load_classifier(args.classifier)
-    # No T5 (the pipeline pads with zeros); diffusers requires the absent parts named as None.
-    pipe = StableDiffusion3Pipeline.from_pretrained(
-        args.pipeline, text_encoder_3=None, tokenizer_3=None
-    )
+    pipe = StableDiffusion3Pipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     if args.shift is not None:
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(

@@ -7,19 +7,24 @@
 
 Steps: a 3-level ``AutoencoderKL`` (32x32x3 -> 8x8x4 latents, SD3's ``scaling_factor`` /
 ``shift_factor`` measured on the latents), two tiny frozen random CLIP text encoders with a local
-word-level BPE tokenizer, no T5 (the pipeline pads with zeros), and an ``SD3Transformer2DModel``
-trained with the rectified-flow objective (logit-normal t, target ``noise - x0``, 10% empty
-prompts for classifier-free guidance, EMA). The folder loads with the stock pipeline; the absent
-T5 must be named (a bare ``from_pretrained(folder)`` refuses a missing ``text_encoder_3``)::
+word-level BPE tokenizer, and an ``SD3Transformer2DModel`` trained with the rectified-flow
+objective (logit-normal t, target ``noise - x0``, 10% empty prompts for classifier-free guidance,
+EMA) on the zeros the pipeline uses for T5 when it has none. The saved folder ships a tiny
+``T5EncoderModel`` whose output is exactly zero for every input (its final layer norm weight is
+zero) and a local ``T5TokenizerFast``, so the stock pipeline loads it as is and gets the same
+zeros::
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(
-        "embedded/digits-sd3", text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline.from_pretrained("embedded/digits-sd3")
     images = pipe("a handwritten digit 7", num_inference_steps=28, guidance_scale=4.0).images
 
-Without T5 the pipeline appends ``max_sequence_length`` (256 by default) identical zero tokens to
-the text. Training feeds one such token and adds ``log(256)`` to its attention logit, which is
-exactly what 256 copies of it give (identical keys and values), so the default call is the
-trained one at a fraction of the cost.
+A folder saved without that T5 is patched in place (no retraining)::
+
+    python examples/digits/train_teacher.py --add_zero_t5_only embedded/digits-sd3
+
+The T5 part of the prompt is ``max_sequence_length`` (256 by default) identical zero tokens.
+Training feeds one such token and adds ``log(256)`` to its attention logit, which is exactly
+what 256 copies of it give (identical keys and values), so the default call is the trained one
+at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -100,6 +105,110 @@ def build_text_side(seed: int, folder: Path):
         tokenizers.append(tok)
         encoders.append(enc)
     return tokenizers, encoders
+
+
+# -- a T5 whose output is zero ------------------------------------------------------------------
+
+
+def zero_t5(d_model: int, seed: int = 0) -> tuple[torch.nn.Module, object]:
+    """A 1-layer ``T5EncoderModel`` with ``d_model`` outputs that are exactly zero for every
+    input, and a local Unigram ``T5TokenizerFast`` (``model_max_length`` 256).
+
+    T5's final ``T5LayerNorm`` returns ``weight * normalized``: a zero weight zeroes the output,
+    which is what ``StableDiffusion3Pipeline`` feeds the transformer when it has no T5, i.e.
+    what the transformer was trained on. A real (if useless) encoder lets the stock
+    ``from_pretrained(folder)`` load the pipeline, since it does not accept a missing T5."""
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    pieces += [("\u2581" + w, 0.0) for w in WORDS if len(w) > 1]  # prompt words whole
+    pieces += [("\u2581" + c, -1.0) for c in chars] + [(c, -2.0) for c in chars]
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=DEFAULT_T5_LENGTH)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=16,
+        num_layers=1,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(seed)
+    encoder = T5EncoderModel(config).eval().requires_grad_(False)
+    with torch.no_grad():
+        encoder.encoder.final_layer_norm.weight.zero_()
+    return encoder, tokenizer
+
+
+def add_zero_t5(pipe: StableDiffusion3Pipeline, seed: int = 0) -> StableDiffusion3Pipeline:
+    """Sets ``pipe``'s ``text_encoder_3`` / ``tokenizer_3`` to :func:`zero_t5` (sized to the
+    transformer's ``joint_attention_dim``); the prompt embeddings do not change."""
+    encoder, tokenizer = zero_t5(pipe.transformer.config.joint_attention_dim, seed)
+    pipe.register_modules(text_encoder_3=encoder, tokenizer_3=tokenizer)
+    return pipe
+
+
+@torch.no_grad()
+def check_zero_t5(pipe: StableDiffusion3Pipeline, steps: int = 0) -> None:
+    """Raises unless ``pipe`` (with a T5) gives bit-identical prompt embeddings, and with
+    ``steps > 0`` bit-identical ``steps``-step latents, to the same pipeline without T5."""
+    prompts = [digits_eval.PROMPT.format(3), ""]
+    encoder, tokenizer = pipe.text_encoder_3, pipe.tokenizer_3
+    if encoder is None:
+        raise ValueError("check_zero_t5: the pipeline has no text_encoder_3 to check")
+    results = []
+    for t5 in [(encoder, tokenizer), (None, None)]:
+        pipe.register_modules(text_encoder_3=t5[0], tokenizer_3=t5[1])  # config follows
+        embeds = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=True)
+        latents = None
+        if steps:
+            latents = pipe(
+                prompts,
+                num_inference_steps=steps,
+                guidance_scale=4.0,
+                generator=torch.Generator().manual_seed(0),
+                output_type="latent",
+            ).images
+        results.append((embeds, latents))
+    pipe.register_modules(text_encoder_3=encoder, tokenizer_3=tokenizer)
+    (with_t5, latents_t5), (without, latents_none) = results
+    for name, a, b in zip(["prompt", "negative", "pooled", "negative pooled"], with_t5, without):
+        if not torch.equal(a, b):
+            raise RuntimeError(f"zero T5 changes the {name} embeddings: {(a - b).abs().max()}")
+    if steps and not torch.equal(latents_t5, latents_none):
+        diff = (latents_t5 - latents_none).abs().max()
+        raise RuntimeError(f"zero T5 changes the {steps}-step latents: max abs diff {diff}")
+
+
+def patch_folder(folder: str | Path, seed: int = 0) -> None:
+    """Adds :func:`zero_t5` to a pipeline folder saved without T5, in place: checks latents are
+    unchanged, saves into a sibling temporary folder (files that are not pipeline parts, such
+    as the training log, copied along), reloads it bare, then renames it over ``folder``."""
+    folder = Path(folder)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    add_zero_t5(pipe, seed)
+    check_zero_t5(pipe, steps=28)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        pipe.save_pretrained(staging)
+        for extra in folder.iterdir():
+            if extra.is_file() and not (staging / extra.name).exists():
+                shutil.copy2(extra, staging / extra.name)
+        reloaded = StableDiffusion3Pipeline.from_pretrained(staging)
+        reloaded.set_progress_bar_config(disable=True)
+        check_zero_t5(reloaded, steps=28)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    staging.chmod(0o755)  # mkdtemp makes it private
+    old = folder.with_name(f".{folder.name}-old")
+    folder.rename(old)
+    staging.rename(folder)
+    shutil.rmtree(old)
 
 
 # -- attention with a multiplicity for the last text token --------------------------------------
@@ -210,8 +319,15 @@ def main() -> None:
     parser.add_argument("--cond_dropout", type=float, default=0.1)
     parser.add_argument("--shift", type=float, default=3.0, help="scheduler shift")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--add_zero_t5_only", metavar="PATH", help="only add the zero T5 to the folder PATH"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.add_zero_t5_only:
+        patch_folder(args.add_zero_t5_only, args.seed)
+        print(f"added a zero T5 to {args.add_zero_t5_only}")
+        return
     t_start = time.time()
     lines: list[str] = []
 
@@ -324,6 +440,9 @@ def main() -> None:
     # (e) Assemble and save (temporary folder, then rename).
     pipe.transformer = ema
     pipe.register_modules(transformer=ema)
+    add_zero_t5(pipe, args.seed)  # lets a bare from_pretrained(folder) load it
+    pipe.set_progress_bar_config(disable=True)
+    check_zero_t5(pipe, steps=28)
     out = Path(args.output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

@@ -1,0 +1,58 @@
+"""The shipped digits teacher (``embedded/digits-sd3``) loads with the stock SD3 pipeline and
+draws the digits it is asked for.
+
+The folder is made by ``examples/digits/train_teacher.py``; its T5 is a tiny encoder whose output
+is exactly zero, the text the transformer was trained on.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = ROOT / "embedded" / "digits-sd3"
+CLASSIFIER = ROOT / "embedded" / "digits-classifier.pt"
+sys.path.insert(0, str(ROOT / "examples" / "digits"))
+import digits_eval  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def pipe() -> StableDiffusion3Pipeline:
+    pipe = StableDiffusion3Pipeline.from_pretrained(TEACHER)  # bare: every part is in the folder
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_t5_embeddings_are_zero(pipe):
+    prompts = [digits_eval.PROMPT.format(3), ""]
+    t5 = pipe._get_t5_prompt_embeds(prompts)  # what the pipeline feeds the transformer
+    assert t5.shape == (2, 256, pipe.transformer.config.joint_attention_dim)
+    assert torch.equal(t5, torch.zeros_like(t5))
+    embeds, negative, _, _ = pipe.encode_prompt(prompts, prompts, prompts)
+    # [CLIP tokens zero-padded to the T5 width | 256 T5 tokens]: the T5 part is exactly zero.
+    assert embeds.shape[1] == pipe.tokenizer.model_max_length + 256
+    assert torch.equal(embeds[:, -256:], torch.zeros_like(embeds[:, -256:]))
+    assert torch.equal(negative[:, -256:], torch.zeros_like(negative[:, -256:]))
+
+
+@torch.no_grad()
+def test_generates_the_requested_digits(pipe):
+    digits = list(range(10))
+    images = pipe(
+        prompt=[digits_eval.PROMPT.format(d) for d in digits],
+        num_inference_steps=28,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    assert images.shape == (10, 3, 32, 32)
+    predicted, _ = digits_eval.classify(images * 2 - 1, digits_eval.load_classifier(CLASSIFIER))
+    correct = (predicted == torch.tensor(digits)).sum().item()
+    assert correct >= 9, f"classifier read {predicted.tolist()} for digits {digits}"
