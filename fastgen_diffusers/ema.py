@@ -86,6 +86,15 @@ class ExponentialMovingAverage:
                 f"{type(model).__name__} has no parameters to track"
                 + (" with requires_grad=True" if trainable_only else "")
             )
+        self._sharded = config.mode == "local_shard" and any(
+            _is_dtensor(p) for _, p in self._named_params(model)
+        )
+
+    @property
+    def is_sharded(self) -> bool:
+        """True when the state is this rank's shards only (``local_shard`` over FSDP2
+        parameters): save and restore it on every rank."""
+        return self._sharded
 
     # -- schedule ---------------------------------------------------------------------------
 

@@ -105,6 +105,9 @@ def load_from_rank0(
     if not distributed:
         module.load_state_dict(state_dict, strict=True)
         return module
+    if rank == 0:  # a mapping source may carry non-persistent buffers too: not state-dict keys
+        keys = module.state_dict().keys()
+        state_dict = {k: v for k, v in state_dict.items() if k in keys}
     set_model_state_dict(
         module,
         state_dict if rank == 0 else {},

@@ -137,11 +137,19 @@ class LoraSettings:
         )
 
 
+def _class_name(module: nn.Module) -> str:
+    """The model's class name, seen through FSDP2's ``FSDP<Class>`` subclass."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in _DEFAULT_TARGETS:
+            return cls.__name__
+    return type(module).__name__
+
+
 def _adapted_model(model: nn.Module) -> nn.Module:
     """The innermost module holding the weights (the diffusers transformer inside a wrapper)."""
     modules = list(unwrap_module(model))
     for candidate in modules:
-        if type(candidate).__name__ in _DEFAULT_TARGETS:
+        if _class_name(candidate) in _DEFAULT_TARGETS:
             return candidate
     return modules[-1]
 
@@ -150,10 +158,10 @@ def default_target_modules(model: nn.Module) -> list[str]:
     """The family's default LoRA targets: attention projections and feed-forwards."""
     inner = _adapted_model(model)
     try:
-        return list(_DEFAULT_TARGETS[type(inner).__name__])
+        return list(_DEFAULT_TARGETS[_class_name(inner)])
     except KeyError:
         raise ValueError(
-            f"No default LoRA targets for {type(inner).__name__}; pass target_modules "
+            f"No default LoRA targets for {_class_name(inner)}; pass target_modules "
             f"(known families: {', '.join(sorted(_DEFAULT_TARGETS))})"
         ) from None
 
@@ -408,12 +416,28 @@ def build_dmd_networks(
 # -- export -----------------------------------------------------------------------------------
 
 
-def student_lora_state_dict(student: AdapterRole) -> dict[str, torch.Tensor]:
+def student_lora_state_dict(
+    student: AdapterRole, gathered: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The student adapter in diffusers' LoRA key format (``...lora_A.weight``, no adapter
-    name), on the CPU."""
+    name), on the CPU.
+
+    ``gathered``: the role's ``state_dict()`` with full tensors (an FSDP2-sharded model's
+    adapter gathered onto one process), used instead of the model's own weights.
+    """
     inner = _adapted_model(student.module)
-    state = get_peft_model_state_dict(inner, adapter_name=student.adapter)
-    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    if gathered is None:
+        state = get_peft_model_state_dict(inner, adapter_name=student.adapter)
+        return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    prefix = next(name for name, m in student.module.named_modules() if m is inner)
+    prefix = f"{prefix}." if prefix else ""
+    tag = f".{student.adapter}."
+    out = {}
+    for key, value in gathered.items():
+        if not key.startswith(prefix) or tag not in key:
+            raise KeyError(f"{key!r} is not a weight of adapter {student.adapter!r}")
+        out[key[len(prefix) :].replace(tag, ".")] = value.detach().to("cpu").contiguous()
+    return out
 
 
 def _lora_metadata(student: AdapterRole) -> dict[str, Any]:
@@ -427,18 +451,20 @@ def save_student_lora(
     student: AdapterRole,
     save_directory: str | os.PathLike,
     weight_name: str = "pytorch_lora_weights.safetensors",
+    gathered: Mapping[str, torch.Tensor] | None = None,
 ) -> str:
     """Write the student adapter where ``Pipeline.load_lora_weights(save_directory)`` finds it,
     with its adapter metadata (rank, alpha, targets). The file is written under a temporary
     name and renamed, so an interrupted save leaves no partial file. Returns the file's path.
+    ``gathered``: see :func:`student_lora_state_dict`.
     """
     import diffusers.loaders.lora_pipeline as lora_pipeline
 
     inner = _adapted_model(student.module)
-    loader_name = _LORA_LOADERS.get(type(inner).__name__)
+    loader_name = _LORA_LOADERS.get(_class_name(inner))
     if loader_name is None:
         raise ValueError(
-            f"No diffusers LoRA format for {type(inner).__name__} "
+            f"No diffusers LoRA format for {_class_name(inner)} "
             f"(supported: {', '.join(sorted(_LORA_LOADERS))})"
         )
     loader = getattr(lora_pipeline, loader_name)
@@ -446,7 +472,7 @@ def save_student_lora(
     with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-lora-") as tmp:
         loader.save_lora_weights(
             tmp,
-            transformer_lora_layers=student_lora_state_dict(student),
+            transformer_lora_layers=student_lora_state_dict(student, gathered),
             transformer_lora_adapter_metadata=_lora_metadata(student),
             weight_name=weight_name,
         )

@@ -40,8 +40,9 @@ def _reference_ema(mode_steps: int) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A file rendezvous: no TCP port to race other processes for.
+    rendezvous = f"file://{out_dir}/rendezvous"
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
         from torch.distributed.fsdp import fully_shard

@@ -360,3 +360,42 @@ def test_model_output_in_the_wrong_layout_is_an_error():
     latents, noise, _, _ = _inputs()
     with pytest.raises(ValueError, match=r"returned shape \(2, 64, 4\) for input \(2, 4, 8, 8\)"):
         pipe.compute_student_loss(latents, noise)
+
+
+@pytest.mark.parametrize("kind", ["student", "fake_score", "discriminator"])
+def test_global_batch_draws_split_one_process_batch_across_ranks(tiny_dit, kind):
+    # Two "ranks" with the same seed, each given its half of the batch, see exactly the noise
+    # and timesteps a single process draws for the whole batch: their mean loss is its loss.
+    student, teacher, fake, disc = _nets(tiny_dit, gan=kind == "discriminator")
+    cfg = fgd.DMDConfig(
+        guidance_scale=2.0,
+        gan_loss_weight_gen=0.1 if kind == "discriminator" else 0.0,
+        gan_use_same_t_noise=False,
+        gan_r1_reg_weight=0.1 if kind == "discriminator" else 0.0,
+    )
+    pipe = fgd.DMDPipeline(student, teacher, fake, cfg, discriminator=disc)
+    latents, noise, cond, neg = _inputs(batch=4)
+
+    def loss(rows: slice) -> torch.Tensor:
+        torch.manual_seed(11)
+        if kind == "student":
+            out = pipe.compute_student_loss(
+                latents[rows], noise[rows], cond[rows], negative_encoder_hidden_states=neg[rows]
+            )
+        elif kind == "fake_score":
+            out = pipe.compute_fake_score_loss(latents[rows], noise[rows], cond[rows])
+        else:
+            out = pipe.compute_discriminator_loss(latents[rows], noise[rows], cond[rows])
+        return out["total"].detach()
+
+    whole = loss(slice(0, 4))
+    halves = []
+    for rank in (0, 1):
+        pipe.draw_for_global_batch(rank, 2)
+        halves.append(loss(slice(2 * rank, 2 * rank + 2)))
+    pipe.draw_for_global_batch(0, 1)
+    assert torch.equal(loss(slice(0, 4)), whole)  # world size 1: the plain draws again
+    # Every loss is a mean over samples: equal halves average to the whole batch's loss.
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, whole, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="rank must be in"):
+        pipe.draw_for_global_batch(2, 2)

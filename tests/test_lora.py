@@ -423,8 +423,9 @@ def test_adapter_checkpoint_resume_is_exact(tmp_path):
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: no TCP port to race other processes for.
+    rendezvous = f"file://{out}/rendezvous"
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP

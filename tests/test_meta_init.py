@@ -40,8 +40,9 @@ def teacher() -> WanWrapper:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # A file rendezvous: no TCP port to race other processes for.
+    rendezvous = f"file://{out}/rendezvous"
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
         from torch.distributed.fsdp import fully_shard

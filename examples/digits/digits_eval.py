@@ -1,6 +1,6 @@
 """Data, classifier and metrics for the 8x8 handwritten digits that scikit-learn ships.
 
-(Needs ``pip install scikit-learn`` for the digits data.)
+(Needs scikit-learn for the digits data: ``pip install -e ".[digits]"``.)
 
 The digits (1797 images, ``sklearn.datasets.load_digits``) are upsampled bilinearly to 32x32 and
 mapped to [-1, 1]; a fixed 20% split is held out. A small CNN trained on the training split
@@ -9,6 +9,11 @@ classifies images, and its penultimate features give a Frechet distance to the h
     python examples/digits/digits_eval.py train-classifier --out embedded/digits-classifier.pt
     python examples/digits/digits_eval.py evaluate --pipeline embedded/digits-sd3 \\
         --steps 28 4 2 1 --guidance_scale 4 --per_digit 100 --grid_dir embedded/digits-sd3-samples
+
+After ``train_dmd2.py`` has distilled the shipped teacher into ``outputs/digits``, ``report``
+scores teacher and student side by side, writes their grids and prints the quality table::
+
+    python examples/digits/digits_eval.py report --output_dir outputs/digits
 
     from digits_eval import load_classifier, evaluate
     scores = evaluate(images, labels)  # images [N, C, 32, 32] in [-1, 1] -> accuracy, fd
@@ -33,7 +38,9 @@ SIZE = 32
 HOLDOUT_FRACTION = 0.2
 SPLIT_SEED = 0
 PROMPT = "a handwritten digit {}"
-DEFAULT_CLASSIFIER = Path(__file__).resolve().parents[2] / "embedded" / "digits-classifier.pt"
+EMBEDDED = Path(__file__).resolve().parents[2] / "embedded"
+DEFAULT_CLASSIFIER = EMBEDDED / "digits-classifier.pt"
+DEFAULT_TEACHER = EMBEDDED / "digits-sd3"
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -203,7 +210,13 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, rows: int = 10, col
 
 @torch.no_grad()
 def generate(
-    pipe, steps: int, guidance_scale: float, per_digit: int, seed: int = 1234, batch: int = 250
+    pipe,
+    steps: int,
+    guidance_scale: float,
+    per_digit: int,
+    seed: int = 1234,
+    batch: int = 250,
+    **pipeline_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_digit`` images of each digit from ``pipe`` (a ``StableDiffusion3Pipeline``),
     seeds fixed; returns images ``[10 * per_digit, 3, 32, 32]`` in [-1, 1] and labels."""
@@ -217,9 +230,130 @@ def generate(
             guidance_scale=guidance_scale,
             generator=generator,
             output_type="pt",
+            **pipeline_kwargs,
         ).images
         out.append(result * 2 - 1)  # the pipeline returns [0, 1]
     return torch.cat(out), labels
+
+
+def student_sigmas(t_list: list[float], steps: int, shift: float = 1.0) -> list[float]:
+    """The noise levels a student trained on ``t_list`` starts each of ``steps`` steps from:
+    its rungs (evenly thinned) when ``steps`` divides their number, else its first rung then
+    the teacher's ``shift``-ed schedule (more steps than it was trained for)."""
+    rungs = [float(t) for t in t_list[:-1]]
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if len(rungs) % steps == 0:
+        return rungs[:: len(rungs) // steps]
+    u = [1 - i / steps for i in range(steps)]
+    return [min(shift * x / (1 + (shift - 1) * x), rungs[0]) for x in u]
+
+
+def load_student_pipeline(output_dir: str | os.PathLike, teacher: str | os.PathLike):
+    """The stock ``StableDiffusion3Pipeline`` of ``teacher`` with the distilled student from
+    ``train_dmd2.py``'s ``output_dir`` (a full ``transformer/`` or a LoRA file) and its
+    scheduler, loaded the way the model card tells users to."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    output_dir = Path(output_dir)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(output_dir, subfolder="scheduler")
+    if (output_dir / "transformer").is_dir():
+        transformer = SD3Transformer2DModel.from_pretrained(output_dir, subfolder="transformer")
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            teacher, transformer=transformer, scheduler=scheduler
+        )
+    else:
+        pipe = StableDiffusion3Pipeline.from_pretrained(teacher, scheduler=scheduler)
+        pipe.load_lora_weights(output_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def report(
+    output_dir: str | os.PathLike,
+    *,
+    teacher: str | os.PathLike = DEFAULT_TEACHER,
+    recipe: str = "general/distillation/dmd2_digits_sd3",
+    classifier_path: str | os.PathLike = DEFAULT_CLASSIFIER,
+    teacher_steps: list[int] = (28, 4, 2, 1),
+    student_steps: list[int] = (1, 2, 4),
+    per_digit: int = 20,
+    seed: int = 1234,
+) -> list[dict]:
+    """Scores the teacher (at the recipe's CFG, and at 1 step without CFG: the student's NFE)
+    and the student of ``output_dir`` at each step count; writes ``quality/<name>.png`` grids,
+    ``quality/quality.json`` and ``quality/quality.md`` into ``output_dir``; returns the rows."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from fastgen_diffusers import load_config
+    from fastgen_diffusers.config import DMDConfig
+
+    cfg = DMDConfig.model_validate(load_config(recipe))
+    if cfg.student_sample_steps > 1:
+        t_list = list(cfg.sample_t_cfg.t_list)
+    else:
+        t_list = [cfg.sample_t_cfg.max_t, 0.0]
+    guidance = float(cfg.guidance_scale or 1.0)
+    classifier = load_classifier(classifier_path)
+    out = Path(output_dir) / "quality"
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+
+    def score(name: str, pipe, steps: int, cfg_scale: float, nfe: int, **kwargs) -> None:
+        start = time.time()
+        images, labels = generate(pipe, steps, cfg_scale, per_digit, seed, **kwargs)
+        scores = evaluate(images, labels, classifier)
+        save_grid(_grid_order(images, per_digit), out / f"{name}.png")
+        row = {"name": name, "steps": steps, "cfg": cfg_scale, "nfe": nfe, **scores}
+        row["seconds"] = round(time.time() - start, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    teacher_pipe = StableDiffusion3Pipeline.from_pretrained(teacher)
+    teacher_pipe.set_progress_bar_config(disable=True)
+    for steps in teacher_steps:
+        nfe = steps * (2 if guidance > 1 else 1)
+        score(f"teacher_{steps}", teacher_pipe, steps, guidance, nfe)
+    if guidance > 1:  # the teacher at the 1-step student's cost: one step, one forward
+        score("teacher_1_nocfg", teacher_pipe, 1, 1.0, 1)
+    del teacher_pipe
+    student_pipe = load_student_pipeline(output_dir, teacher)
+    for steps in student_steps:
+        sigmas = student_sigmas(t_list, steps, shift=float(cfg.sample_t_cfg.shift))
+        score(f"student_{steps}", student_pipe, steps, 1.0, steps, sigmas=sigmas)
+    real, real_labels = load_digits_32()
+    train = split_indices()[0]
+    rows.append({"name": "real digits (train split)", **evaluate(real[train], real_labels[train])})
+    heldout = torch.load(classifier_path, map_location="cpu").get("heldout_accuracy")
+    table = markdown_table(rows, heldout)
+    tmp = out / "quality.json.tmp"
+    tmp.write_text(json.dumps({"rows": rows, "classifier_heldout_accuracy": heldout}, indent=2))
+    tmp.replace(out / "quality.json")
+    (out / "quality.md").write_text(table + "\n")
+    return rows
+
+
+def markdown_table(rows: list[dict], classifier_heldout_accuracy: float | None = None) -> str:
+    """The quality table: one line per image set, accuracy in %, FD to the held-out digits."""
+    lines = [
+        "| images | steps | CFG | NFE | class accuracy | Frechet distance |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        cells = [row["name"]]
+        cells += [str(row.get(k, "")) if k in row else "-" for k in ("steps", "cfg", "nfe")]
+        cells += [f"{100 * row['accuracy']:.1f}%", f"{row['fd']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if classifier_heldout_accuracy is not None:
+        lines.append(
+            f"\nClassifier held-out accuracy: {100 * classifier_heldout_accuracy:.1f}% "
+            "(Frechet distance against the 360 held-out digits)."
+        )
+    return "\n".join(lines)
 
 
 def _grid_order(images: torch.Tensor, per_digit: int, cols: int = 8) -> torch.Tensor:
@@ -246,7 +380,36 @@ def main() -> None:
     ev.add_argument("--grid_prefix", default="teacher")
     ev.add_argument("--json_out", default=None)
     ev.add_argument("--threads", type=int, default=2)
+    rp = sub.add_parser("report", help="teacher vs distilled student: grids and quality table")
+    rp.add_argument("--output_dir", required=True, help="train_dmd2.py's --output_dir")
+    rp.add_argument("--teacher", default=str(DEFAULT_TEACHER))
+    rp.add_argument(
+        "--recipe",
+        default="general/distillation/dmd2_digits_sd3",
+        help="the recipe the student used",
+    )
+    rp.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER))
+    rp.add_argument("--teacher_steps", type=int, nargs="*", default=[28, 4, 2, 1])
+    rp.add_argument("--student_steps", type=int, nargs="+", default=[1, 2, 4])
+    rp.add_argument("--per_digit", type=int, default=20)
+    rp.add_argument("--seed", type=int, default=1234)
+    rp.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+
+    if args.command == "report":
+        torch.set_num_threads(args.threads)
+        rows = report(
+            args.output_dir,
+            teacher=args.teacher,
+            recipe=args.recipe,
+            classifier_path=args.classifier,
+            teacher_steps=args.teacher_steps,
+            student_steps=args.student_steps,
+            per_digit=args.per_digit,
+            seed=args.seed,
+        )
+        print(markdown_table(rows))
+        return
 
     if args.command == "train-classifier":
         start = time.time()

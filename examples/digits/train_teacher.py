@@ -1,6 +1,6 @@
 """Train a small, complete ``StableDiffusion3Pipeline`` on scikit-learn's handwritten digits (CPU).
 
-(Needs ``pip install scikit-learn`` for the digits data.)
+(Needs scikit-learn for the digits data: ``pip install -e ".[digits]"``.)
 
     python examples/digits/digits_eval.py train-classifier   # once: embedded/digits-classifier.pt
     python examples/digits/train_teacher.py --output_dir embedded/digits-sd3 --seed 0

@@ -127,6 +127,7 @@ class DMDPipeline(DistillationPipeline):
         self.discriminator = discriminator
         self.batch_cfg = batch_cfg
         self._iteration = 0
+        self._data_parallel: tuple[int, int] | None = None
         # The EMA tracks the module inside a DDP wrapper (DDP's own parameter listing can miss
         # parameters a wrapped view exposes, and its names carry a "module." prefix).
         is_ddp = isinstance(student, DistributedDataParallel)
@@ -145,6 +146,33 @@ class DMDPipeline(DistillationPipeline):
     @property
     def gan_enabled(self) -> bool:
         return self.discriminator is not None and self.config.gan_loss_weight_gen > 0
+
+    def draw_for_global_batch(self, rank: int, world_size: int) -> None:
+        """Draw every timestep and noise tensor for the global batch (``world_size`` equal
+        per-rank batches, rank-major) and keep this rank's rows.
+
+        With the same seed on every rank, an N-rank run then sees the numbers a single process
+        sees over the whole batch, so data-parallel and sharded runs reproduce a one-process
+        run. Each rank draws ``world_size`` times the noise it uses (cheap next to a forward).
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self._data_parallel = (rank, world_size) if world_size > 1 else None
+
+    def _rows(self, draw: Any, batch: int) -> torch.Tensor:
+        if self._data_parallel is None:
+            return draw(batch)
+        rank, world = self._data_parallel
+        return draw(batch * world)[rank * batch : (rank + 1) * batch]
+
+    def _timesteps(self, batch: int, device: torch.device) -> torch.Tensor:
+        return self._rows(lambda n: self.sample_timesteps(n, device=device), batch)
+
+    def _randn_like(self, like: torch.Tensor) -> torch.Tensor:
+        return self._rows(
+            lambda n: torch.randn((n, *like.shape[1:]), device=like.device, dtype=like.dtype),
+            like.shape[0],
+        )
 
     # -- model calls ------------------------------------------------------------------------
 
@@ -234,14 +262,17 @@ class DMDPipeline(DistillationPipeline):
                     t_k = torch.full((batch,), t_list[k], device=device, dtype=torch.float32)
                     t_next = torch.full_like(t_k, t_list[k + 1])
                     x0 = self._predict_x0(self.student, x, t_k, encoder_hidden_states, model_kwargs)
-                    x = renoise(x0, x, t_k, t_next, sample_type=cfg.student_sample_type)
+                    fresh = self._randn_like(x0) if cfg.student_sample_type == "sde" else None
+                    x = renoise(
+                        x0, x, t_k, t_next, sample_type=cfg.student_sample_type, noise=fresh
+                    )
             return x, torch.full((batch,), t_list[rung], device=device, dtype=torch.float32)
         if latents is None:
             raise ValueError(
                 f"student_sample_steps={cfg.student_sample_steps} without backward_simulation "
                 "noises real latents to a rung of t_list: pass latents"
             )
-        t = sample_from_t_list(batch, t_list, device=device)
+        t = self._rows(lambda n: sample_from_t_list(n, t_list, device=device), batch)
         return add_noise(latents, noise, t), t
 
     def _check_inputs(self, latents: torch.Tensor | None, noise: torch.Tensor) -> None:
@@ -365,8 +396,8 @@ class DMDPipeline(DistillationPipeline):
         batch = noise.shape[0]
 
         gen = self._generate(latents, noise, encoder_hidden_states, model_kwargs)
-        t = self.sample_timesteps(batch, device=gen.device)
-        x_t = add_noise(gen, torch.randn_like(gen), t)
+        t = self._timesteps(batch, gen.device)
+        x_t = add_noise(gen, self._randn_like(gen), t)
 
         capture = self._capture("student step") if self.gan_enabled else None
         teacher_x0, features = self._guided_teacher_x0(
@@ -409,8 +440,8 @@ class DMDPipeline(DistillationPipeline):
         cfg = self.config
         with torch.no_grad():
             gen = self._generate(latents, noise, encoder_hidden_states, model_kwargs)
-            t = self.sample_timesteps(noise.shape[0], device=gen.device)
-            eps = torch.randn_like(gen)
+            t = self._timesteps(noise.shape[0], gen.device)
+            eps = self._randn_like(gen)
             x_t = add_noise(gen, eps, t)
         loss_type = cfg.fake_score_pred_type or cfg.pred_type
         raw = self._call(self.fake_score, x_t, t, encoder_hidden_states, model_kwargs)
@@ -445,16 +476,16 @@ class DMDPipeline(DistillationPipeline):
         batch = noise.shape[0]
         with torch.no_grad():
             gen = self._generate(latents, noise, encoder_hidden_states, model_kwargs)
-            t = self.sample_timesteps(batch, device=gen.device)
-            eps = torch.randn_like(gen)
+            t = self._timesteps(batch, gen.device)
+            eps = self._randn_like(gen)
             fake_features = self._teacher_features(
                 add_noise(gen, eps, t), t, encoder_hidden_states, model_kwargs, "fake branch"
             )
             if cfg.gan_use_same_t_noise:
                 t_real, eps_real = t, eps
             else:
-                t_real = self.sample_timesteps(batch, device=gen.device)
-                eps_real = torch.randn_like(latents)
+                t_real = self._timesteps(batch, gen.device)
+                eps_real = self._randn_like(latents)
             x_real = add_noise(latents, eps_real, t_real)
             real_features = self._teacher_features(
                 x_real, t_real, encoder_hidden_states, model_kwargs, "real branch"
@@ -465,7 +496,7 @@ class DMDPipeline(DistillationPipeline):
         if cfg.gan_r1_reg_weight <= 0:
             return {"gan_disc": gan_disc, "total": gan_disc}
         with torch.no_grad():
-            x_perturbed = x_real + cfg.gan_r1_reg_alpha * torch.randn_like(x_real)
+            x_perturbed = x_real + cfg.gan_r1_reg_alpha * self._randn_like(x_real)
             perturbed_features = self._teacher_features(
                 x_perturbed, t_real, encoder_hidden_states, model_kwargs, "R1"
             )

@@ -17,12 +17,15 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 __all__ = [
     "COMPLETE_MARKER",
     "complete_checkpoints",
+    "load_per_rank_state",
     "resolve_resume",
     "save_checkpoint",
 ]
@@ -44,13 +47,24 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]
     return sorted(found)
 
 
+def _is_sharded(obj: Any) -> bool:
+    return bool(getattr(obj, "is_sharded", False))
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: str | os.PathLike,
     step: int,
     total_limit: int | None = None,
+    per_rank_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Save the full training state (every rank takes part) as ``checkpoint-<step>``."""
+    """Save the full training state (every rank takes part) as ``checkpoint-<step>``.
+
+    ``per_rank_state`` holds objects (``state_dict`` / ``load_state_dict``) that accelerate
+    would pickle from the main process only: an object whose ``is_sharded`` is true (an FSDP2
+    EMA of local shards) is written by every rank as ``<name>_rank<r>.pt``, any other by the
+    main process as ``<name>.pt``. ``None`` values are skipped.
+    """
     root = Path(output_dir)
     tmp = root / f".checkpoint-{step}.tmp"
     final = root / f"checkpoint-{step}"
@@ -59,6 +73,13 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    for name, obj in (per_rank_state or {}).items():
+        if obj is None:
+            continue
+        if _is_sharded(obj):
+            torch.save(obj.state_dict(), tmp / f"{name}_rank{accelerator.process_index}.pt")
+        elif accelerator.is_main_process:
+            torch.save(obj.state_dict(), tmp / f"{name}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
@@ -94,3 +115,23 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
 def checkpoint_step(path: str | os.PathLike) -> int:
     """The step a checkpoint folder was saved at."""
     return int((Path(path) / COMPLETE_MARKER).read_text().strip())
+
+
+def load_per_rank_state(
+    accelerator: Accelerator, checkpoint: str | os.PathLike, objects: dict[str, Any]
+) -> None:
+    """Restore what :func:`save_checkpoint` wrote for ``per_rank_state`` (each rank its own
+    shard file)."""
+    for name, obj in objects.items():
+        if obj is None:
+            continue
+        rank = accelerator.process_index
+        path = Path(checkpoint) / (f"{name}_rank{rank}.pt" if _is_sharded(obj) else f"{name}.pt")
+        if not path.is_file():
+            saved = sorted(p.name for p in Path(checkpoint).glob(f"{name}*.pt"))
+            raise FileNotFoundError(
+                f"{checkpoint} has no {path.name} for rank {rank} of "
+                f"{accelerator.num_processes} (found {saved or 'none'}): a sharded state resumes "
+                "on as many ranks as saved it"
+            )
+        obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -111,14 +111,16 @@ class Family(ABC):
         revision: str | None = None,
         variant: str | None = None,
         torch_dtype: torch.dtype = torch.float32,
+        **components: Any,
     ) -> DiffusionPipeline:
-        """``pipeline_class.from_pretrained`` on a local folder or a Hub id.
+        """``pipeline_class.from_pretrained`` on a local folder or a Hub id; ``components``
+        (e.g. ``transformer=``) replace the checkpoint's.
 
         The checkpoint's own scheduler is kept (teacher reference samples use
         :func:`~fastgen_diffusers.sampling.sample_teacher` with explicit sigmas).
         """
         return self.pipeline_class.from_pretrained(
-            path, revision=revision, variant=variant, torch_dtype=torch_dtype
+            path, revision=revision, variant=variant, torch_dtype=torch_dtype, **components
         )
 
     @abstractmethod
@@ -502,9 +504,10 @@ class WanFamily(Family):
         revision: str | None = None,
         variant: str | None = None,
         torch_dtype: torch.dtype = torch.float32,
+        **components: Any,
     ) -> DiffusionPipeline:
         pipe = super().load_pipeline(
-            path, revision=revision, variant=variant, torch_dtype=torch_dtype
+            path, revision=revision, variant=variant, torch_dtype=torch_dtype, **components
         )
         loaded = bool(getattr(pipe.config, "expand_timesteps", False))
         if loaded != self.expand_timesteps:

@@ -43,10 +43,16 @@ from ..lora import (
 from ..methods import DMDPipeline
 from . import validation
 from .cache import build_cache
-from .checkpointing import checkpoint_step, resolve_resume, save_checkpoint
+from .checkpointing import (
+    checkpoint_step,
+    load_per_rank_state,
+    resolve_resume,
+    save_checkpoint,
+)
 from .data import load_training_dataset
 from .export import export_student
 from .families import family_from_pretrained
+from .parallel import full_state_dict, load_pipeline, pipeline_to, prepare_networks
 from .sampler import ResumableRandomSampler
 
 __all__ = ["load_recipe", "train"]
@@ -134,13 +140,15 @@ def train(args: argparse.Namespace) -> Path:
 
     # -- 2. teacher pipeline ----------------------------------------------------------------------
     family = family_from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
-    pipe = family.load_pipeline(
+    pipe = load_pipeline(
+        accelerator,
+        family,
         args.pretrained_model_name_or_path,
         revision=args.revision,
         variant=args.variant,
         torch_dtype=weight_dtype,
     )
-    pipe.to(device)
+    pipeline_to(pipe, device)
     height = args.height or args.resolution
     width = args.width or args.resolution
     latent_shape = family.latent_shape(pipe, height, width, num_frames=args.num_frames)
@@ -256,37 +264,48 @@ def train(args: argparse.Namespace) -> Path:
             num_training_steps=max(updates, 1),
         )
 
-    student_opt = adamw(nets.student.parameters(), args.learning_rate)
-    fake_opt = adamw(
-        nets.fake_score.parameters(), args.fake_score_learning_rate or args.learning_rate
+    learning_rates = {
+        "student": args.learning_rate,
+        "fake_score": args.fake_score_learning_rate or args.learning_rate,
+        "discriminator": args.discriminator_learning_rate or args.learning_rate,
+    }
+    updates = {"student": student_updates, "fake_score": other_updates}
+    updates["discriminator"] = other_updates  # trained alongside the fake score
+    # DDP, or FSDP2 from the accelerate config: parallel.py is where that is decided.
+    prepared = prepare_networks(
+        accelerator,
+        nets,
+        make_optimizer=lambda role, params: adamw(params, learning_rates[role]),
+        make_scheduler=lambda role, opt: scheduler(opt, updates[role]),
+        discriminator=discriminator,
     )
-    student_sched = scheduler(student_opt, student_updates)
-    fake_sched = scheduler(fake_opt, other_updates)
-    student, student_opt, student_sched = accelerator.prepare(
-        nets.student, student_opt, student_sched
-    )
-    fake_score, fake_opt, fake_sched = accelerator.prepare(nets.fake_score, fake_opt, fake_sched)
-    disc_opt = disc_sched = None
-    if discriminator is not None:
-        disc_opt = adamw(
-            discriminator.parameters(), args.discriminator_learning_rate or args.learning_rate
-        )
-        disc_sched = scheduler(disc_opt, other_updates)
-        discriminator, disc_opt, disc_sched = accelerator.prepare(
-            discriminator, disc_opt, disc_sched
-        )
-    dmd = DMDPipeline(student, nets.teacher, fake_score, cfg, discriminator=discriminator)
-    if dmd.ema is not None:
+    student, fake_score = prepared.student, prepared.fake_score
+    discriminator = prepared.discriminator
+    student_opt, student_sched = prepared.optimizers["student"], prepared.schedulers["student"]
+    fake_opt, fake_sched = prepared.optimizers["fake_score"], prepared.schedulers["fake_score"]
+    disc_opt = prepared.optimizers.get("discriminator")
+    disc_sched = prepared.schedulers.get("discriminator")
+    dmd = DMDPipeline(student, prepared.teacher, fake_score, cfg, discriminator=discriminator)
+    # Noise and timesteps drawn for the global batch, this rank's rows kept: N ranks train on
+    # exactly what one process would (every rank is seeded alike).
+    dmd.draw_for_global_batch(accelerator.process_index, accelerator.num_processes)
+    if dmd.ema is not None and not prepared.fsdp2:
         accelerator.register_for_checkpointing(dmd.ema)
+    # Under FSDP2 the EMA may hold per-rank shards: checkpointing.py saves it per rank.
+    ema_per_rank = dmd.ema if prepared.fsdp2 else None
 
     sampler = ResumableRandomSampler(len(train_data), seed=args.seed)
     counter = _Counter()
     accelerator.register_for_checkpointing(sampler, counter)
+    # Building the networks draws differently per rank (weights on the meta device draw
+    # nothing): the training stream starts from the seed again, alike on every rank.
+    set_seed(args.seed)
 
     # -- 6. resume -------------------------------------------------------------------------------
     resume = resolve_resume(args.resume_from_checkpoint, output_dir)
     if resume is not None:
         accelerator.load_state(str(resume))
+        load_per_rank_state(accelerator, resume, {"ema": ema_per_rank})
         logger.info("Resumed from %s at iteration %d", resume, checkpoint_step(resume))
     elif args.resume_from_checkpoint == "latest":
         logger.info("No complete checkpoint in %s: starting from scratch", output_dir)
@@ -298,14 +317,17 @@ def train(args: argparse.Namespace) -> Path:
     seeds = list(range(args.seed, args.seed + 2))
 
     def validate(step: int, teacher_grid: bool = False) -> None:
-        if validation_cond is None or not accelerator.is_main_process:
+        # A sharded model needs every rank in its forward; only the main process draws grids.
+        if validation_cond is None or not (accelerator.is_main_process or prepared.fsdp2):
             return
         cond = _to(validation_cond, device, weight_dtype)
+        prepared.reshard()
         model = accelerator.unwrap_model(student)
         with ema_weights(dmd.ema, model) if dmd.ema is not None else contextlib.nullcontext():
             latents = validation.sample_images(
                 model, cond, latent_shape, seeds, t_list=t_list, sample_type=cfg.student_sample_type
             )
+            prepared.reshard()  # before the live weights go back into the shards
         grids = {"student": latents}
         if teacher_grid:  # once, at the start: the reference the student is distilled from
             seq_len = math.prod(latent_shape[-2:]) // 4
@@ -313,7 +335,7 @@ def train(args: argparse.Namespace) -> Path:
                 pipe.scheduler, args.teacher_validation_steps, seq_len
             )
             grids["teacher"] = validation.sample_images(
-                nets.teacher,
+                prepared.teacher,
                 cond,
                 latent_shape,
                 seeds,
@@ -321,6 +343,9 @@ def train(args: argparse.Namespace) -> Path:
                 guidance_scale=cfg.guidance_scale,
                 negative=_to(negative, device, weight_dtype),
             )
+            prepared.reshard()
+        if not accelerator.is_main_process:
+            return
         validation_dir.mkdir(parents=True, exist_ok=True)
         for name, lat in grids.items():
             with torch.no_grad():
@@ -345,9 +370,11 @@ def train(args: argparse.Namespace) -> Path:
     global_batch = args.train_batch_size * world
 
     def next_batch() -> dict[str, Any]:
-        indices = sampler.take(global_batch)[rank::world]
-        batch = train_data.collate([train_data[i] for i in indices])
-        return batch
+        # Rank r takes rows [r * B, (r + 1) * B) of the global batch, the rows whose noise and
+        # timesteps it draws (DMDPipeline.draw_for_global_batch).
+        indices = sampler.take(global_batch)
+        local = indices[rank * args.train_batch_size : (rank + 1) * args.train_batch_size]
+        return train_data.collate([train_data[i] for i in local])
 
     if counter.step == 0:
         validate(0, teacher_grid=True)
@@ -362,12 +389,12 @@ def train(args: argparse.Namespace) -> Path:
         step = counter.step
         student_turn = step % cfg.student_update_freq == 0
         trained = (
-            [(student, student_opt, student_sched)]
+            [("student", student, student_opt, student_sched)]
             if student_turn
-            else [(fake_score, fake_opt, fake_sched)]
+            else [("fake_score", fake_score, fake_opt, fake_sched)]
         )
         if not student_turn and discriminator is not None:
-            trained.append((discriminator, disc_opt, disc_sched))
+            trained.append(("discriminator", discriminator, disc_opt, disc_sched))
         logs: dict[str, float] = {}
         for micro in range(args.gradient_accumulation_steps):
             batch = next_batch()
@@ -375,13 +402,14 @@ def train(args: argparse.Namespace) -> Path:
             ehs = cond.pop("encoder_hidden_states", None)
             latents = batch.get("latents")
             latents = latents.to(device, weight_dtype) if latents is not None else None
-            shape = (len(batch["prompt"]), *latent_shape)
-            noise = torch.randn(shape, device=device, dtype=weight_dtype)
+            noise = torch.randn((global_batch, *latent_shape), device=device, dtype=weight_dtype)[
+                rank * args.train_batch_size : (rank + 1) * args.train_batch_size
+            ]
             last = micro == args.gradient_accumulation_steps - 1
             sync = contextlib.ExitStack()
             if not last:
-                for model, _, _ in trained:
-                    sync.enter_context(accelerator.no_sync(model))
+                for role, *_ in trained:
+                    sync.enter_context(accelerator.no_sync(prepared.sync_module[role]))
             with sync, accelerator.autocast():
                 if student_turn:
                     neg = {
@@ -412,15 +440,25 @@ def train(args: argparse.Namespace) -> Path:
                 for key, value in parts.items():
                     tag = f"{name}/{key}"
                     logs[tag] = logs.get(tag, 0.0) + value.item() / args.gradient_accumulation_steps
-        for model, opt, sched in trained:
-            if args.max_grad_norm > 0:
+        for _, model, opt, sched in trained:
+            if args.max_grad_norm > 0 and prepared.fsdp2:
+                # accelerate's clip_grad_norm_ looks the parameters up among the first prepared
+                # model's only; torch's handles sharded (DTensor) gradients itself.
+                accelerator.unscale_gradients(optimizer=opt)
+                torch.nn.utils.clip_grad_norm_(list(model.parameters()), args.max_grad_norm)
+            elif args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+        prepared.reshard()
         if student_turn:
             dmd.update_ema(iteration=step)
         counter.step = step + 1
+        if world > 1:  # the global batch's losses (each rank computed its rows' mean)
+            keys = sorted(logs)
+            values = torch.tensor([logs[k] for k in keys], device=device, dtype=torch.float64)
+            logs = dict(zip(keys, accelerator.reduce(values, reduction="mean").tolist()))
         logs["lr/student"] = student_sched.get_last_lr()[0]
         progress.set_postfix(
             {
@@ -435,22 +473,37 @@ def train(args: argparse.Namespace) -> Path:
             with open(loss_log, "a") as f:
                 f.write(json.dumps({"step": counter.step, **logs}) + "\n")
         if counter.step % args.checkpointing_steps == 0 and counter.step < args.max_train_steps:
-            save_checkpoint(accelerator, output_dir, counter.step, args.checkpoints_total_limit)
+            save_checkpoint(
+                accelerator,
+                output_dir,
+                counter.step,
+                args.checkpoints_total_limit,
+                per_rank_state={"ema": ema_per_rank},
+            )
         if counter.step % args.validation_steps == 0:
             validate(counter.step)
 
     # -- 8. export -------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
+    final_student = accelerator.unwrap_model(student)
+    gathered = None
+    if prepared.fsdp2:  # every rank gathers the (EMA) student; the main process writes it
+        prepared.reshard()
+        with ema_weights(dmd.ema, final_student) if dmd.ema else contextlib.nullcontext():
+            gathered = full_state_dict(final_student, main_process=accelerator.is_main_process)
+    if counter.step % args.validation_steps:  # the final weights' grid, if not drawn yet
+        validate(counter.step)
     if accelerator.is_main_process:
-        final_student = accelerator.unwrap_model(student)
         scheduler_config = family.student_scheduler_config(
             t_list, cfg.student_sample_type, dict(pipe.scheduler.config)
         )
         export_student(
-            output_dir, student=final_student, scheduler_config=scheduler_config, ema=dmd.ema
+            output_dir,
+            student=final_student,
+            scheduler_config=scheduler_config,
+            ema=None if gathered is not None else dmd.ema,
+            state_dict=gathered,
         )
-        if counter.step % args.validation_steps:  # the final weights' grid, if not drawn yet
-            validate(counter.step)
         from .model_card import write_model_card
 
         prompt_text = "; ".join(args.validation_prompts or [])

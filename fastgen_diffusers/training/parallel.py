@@ -1,0 +1,309 @@
+"""How the training run spreads the DMD2 networks over processes: the one place it happens.
+
+Without FSDP, accelerate wraps each trained network in DDP (a LoRA role view included) and the
+frozen teacher is replicated. With an accelerate FSDP2 config (``fsdp_version: 2``):
+
+- every transformer block is its own FSDP unit (the config's
+  ``fsdp_transformer_layer_cls_to_wrap``, or the diffusers model's ``_no_split_modules``),
+  resharded after each forward;
+- a full student / fake score is its own sharded model; a LoRA role is a view of a base model,
+  so the base is sharded once and each role's optimizer is built over the role's shards
+  (``shared_lora``: one base, two adapters, two optimizers; the teacher is that base with
+  adapters off); each optimizer is then prepared with its (already sharded) model;
+- the frozen teacher of the other layouts is sharded with accelerate's ``fsdp2_prepare_model``
+  (same mesh and mixed-precision policy, no optimizer);
+- the discriminator (a few small heads) is one FSDP unit, sharded like the rest, so its
+  gradients are reduce-scattered and its optimizer state split; it computes in fp32;
+- weights come from rank 0: the other ranks build the teacher transformer on the meta device
+  (:func:`load_pipeline`) and receive their shards by broadcast right after sharding
+  (:func:`~fastgen_diffusers.factory.load_from_rank0`, buffers included), so the host holds
+  one full copy, not one per rank. The discriminator and LoRA weights come from rank 0 too.
+
+Example::
+
+    pipe = load_pipeline(accelerator, family, path, torch_dtype=torch.bfloat16)
+    nets = build_dmd_networks(family.wrap(pipe.transformer), "shared_lora", lora)
+    prepared = prepare_networks(
+        accelerator,
+        nets,
+        make_optimizer=lambda role, params: torch.optim.AdamW(params, lr=1e-5),
+        make_scheduler=lambda role, opt: get_scheduler("constant", optimizer=opt),
+    )
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+
+from ..factory import load_from_rank0
+from ..lora import AdapterRole, DMDNetworks
+
+__all__ = [
+    "PreparedNetworks",
+    "full_state_dict",
+    "is_fsdp2",
+    "load_pipeline",
+    "pipeline_to",
+    "prepare_networks",
+    "unsharded_class",
+]
+
+
+def is_fsdp2(accelerator: Accelerator) -> bool:
+    """True when accelerate runs FSDP2 (``fsdp_version: 2`` in the accelerate config)."""
+    return accelerator.distributed_type == DistributedType.FSDP and bool(
+        getattr(accelerator, "is_fsdp2", False)
+    )
+
+
+def unsharded_class(module: nn.Module) -> type:
+    """The model's own class (``fully_shard`` swaps in a subclass named ``FSDP<Class>``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for cls in type(module).__mro__:
+        if not issubclass(cls, FSDPModule):
+            return cls
+    raise TypeError(f"{type(module).__name__} has no unsharded base class")
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def load_pipeline(accelerator: Accelerator, family: Any, path: str, **kwargs: Any):
+    """The teacher pipeline. Under FSDP2 only rank 0 reads the transformer's weights; the other
+    ranks build it on the meta device (buffers such as rotary tables are still computed, since
+    no state dict carries them) and receive their shards from rank 0 when it is sharded."""
+    if not is_fsdp2(accelerator) or accelerator.is_main_process:
+        return family.load_pipeline(path, **kwargs)
+    import diffusers
+    from accelerate import init_empty_weights
+
+    index = family.pipeline_class.load_config(path, revision=kwargs.get("revision"))
+    library, class_name = index["transformer"]
+    cls = getattr(diffusers, class_name)
+    config = cls.load_config(path, subfolder="transformer", revision=kwargs.get("revision"))
+    with init_empty_weights(include_buffers=False):
+        transformer = cls.from_config(config)
+    transformer.to(kwargs.get("torch_dtype") or torch.float32)
+    return family.load_pipeline(path, transformer=transformer, **kwargs)
+
+
+def pipeline_to(pipe: Any, device: torch.device) -> None:
+    """``pipe.to(device)`` for every component that holds weights (a meta-device transformer
+    waits for its shards instead)."""
+    for component in pipe.components.values():
+        if not isinstance(component, nn.Module):
+            continue
+        if any(p.is_meta for p in component.parameters()):
+            continue
+        component.to(device)
+
+
+# -- sharding -------------------------------------------------------------------------------------
+
+
+def _block_classes(plugin: Any, model: nn.Module) -> list[str]:
+    """Class names of ``model``'s transformer blocks: the config's, else the diffusers models'
+    ``_no_split_modules``; only names that occur in ``model``."""
+    present = {type(m).__name__ for m in model.modules()}
+    wanted = list(plugin.transformer_cls_names_to_wrap or [])
+    if not any(name in present for name in wanted):
+        wanted = [
+            name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])
+        ]
+    return sorted({name for name in wanted if name in present})
+
+
+@contextlib.contextmanager
+def _wrapping(plugin: Any, model: nn.Module) -> Iterator[None]:
+    """Per-block FSDP units for ``model``: accelerate keeps one wrap policy for all models and
+    refuses a model without the named block class (the discriminator has none). An already
+    sharded model gets no policy (accelerate leaves it as it is)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    saved = (plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap)
+    names = [] if isinstance(model, FSDPModule) else _block_classes(plugin, model)
+    plugin.auto_wrap_policy = transformer_auto_wrap_policy if names else None
+    plugin.transformer_cls_names_to_wrap = names or None
+    try:
+        yield
+    finally:
+        plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = saved
+
+
+@contextlib.contextmanager
+def _precision(plugin: Any, full: bool) -> Iterator[None]:
+    """fp32 compute and gradient reduction for ``full``: the discriminator's inputs (teacher
+    features taken without grad) never require grad, and FSDP2 then reduces its gradients in
+    the low-precision dtype without casting them back to the fp32 parameters."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    saved = plugin.mixed_precision_policy
+    if full and saved is not None:
+        plugin.mixed_precision_policy = MixedPrecisionPolicy()
+    try:
+        yield
+    finally:
+        plugin.mixed_precision_policy = saved
+
+
+@dataclass
+class PreparedNetworks:
+    """The networks as the loop uses them, and what accelerate prepared.
+
+    ``student`` / ``fake_score`` / ``teacher`` / ``discriminator`` are what the DMD pipeline
+    calls. ``sync_module[role]`` is the prepared module holding that role's trained weights
+    (for ``no_sync``).
+    """
+
+    student: nn.Module
+    fake_score: nn.Module
+    teacher: nn.Module
+    discriminator: nn.Module | None
+    optimizers: dict[str, Any]
+    schedulers: dict[str, Any]
+    sync_module: dict[str, nn.Module] = field(default_factory=dict)
+    fsdp2: bool = False
+    sharded: list[nn.Module] = field(default_factory=list)
+
+    def reshard(self) -> None:
+        """Put every FSDP2 unit back in its sharded state (a no-op without FSDP2).
+
+        The root units stay gathered after a forward that no backward follows (a frozen or
+        no-grad pass); while gathered, ``named_parameters()`` yields full tensors, not the
+        shards the optimizers, the EMA and the state dicts work on. Called after every
+        iteration and before validation and export.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        for base in self.sharded:
+            for module in base.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
+
+def prepare_networks(
+    accelerator: Accelerator,
+    nets: DMDNetworks,
+    make_optimizer: Callable[[str, list[nn.Parameter]], torch.optim.Optimizer],
+    make_scheduler: Callable[[str, torch.optim.Optimizer], Any],
+    discriminator: nn.Module | None = None,
+) -> PreparedNetworks:
+    """Prepare every network with accelerate: DDP (default) or FSDP2 (see the module docstring).
+
+    ``make_optimizer(role, params)`` / ``make_scheduler(role, optimizer)`` build the optimizer
+    and LR schedule of each trained role (``"student"``, ``"fake_score"``, and
+    ``"discriminator"`` when given) over that network's ``parameters()`` (a LoRA view: its
+    adapter's weights). Under FSDP2 they are called after sharding, over the sharded
+    parameters.
+    """
+    networks = {"student": nets.student, "fake_score": nets.fake_score}
+    if discriminator is not None:
+        networks["discriminator"] = discriminator
+    if not is_fsdp2(accelerator):
+        return _prepare_ddp(accelerator, nets, networks, make_optimizer, make_scheduler)
+    return _prepare_fsdp2(accelerator, nets, networks, make_optimizer, make_scheduler)
+
+
+def _prepare_ddp(accelerator, nets, networks, make_optimizer, make_scheduler) -> PreparedNetworks:
+    prepared, opts, scheds = {}, {}, {}
+    for role, model in networks.items():
+        opt = make_optimizer(role, list(model.parameters()))
+        prepared[role], opts[role], scheds[role] = accelerator.prepare(
+            model, opt, make_scheduler(role, opt)
+        )
+    return PreparedNetworks(
+        student=prepared["student"],
+        fake_score=prepared["fake_score"],
+        teacher=nets.teacher,
+        discriminator=prepared.get("discriminator"),
+        optimizers=opts,
+        schedulers=scheds,
+        sync_module=dict(prepared),
+    )
+
+
+def _base_of(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, AdapterRole) else model
+
+
+def _prepare_fsdp2(accelerator, nets, networks, make_optimizer, make_scheduler) -> PreparedNetworks:
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = accelerator.state.fsdp_plugin
+    # Rank 0 holds the weights, the other ranks' transformer is on the meta device (see
+    # load_pipeline): load_from_rank0 fills every rank's shards after sharding. (accelerate's
+    # own cpu_ram_efficient_loading assumes every state-dict entry is sharded, which a
+    # persistent buffer such as SD3's positional table is not.)
+    plugin.cpu_ram_efficient_loading = False
+    main = accelerator.is_main_process
+    bases = {id(_base_of(m)): _base_of(m) for m in [nets.teacher, *networks.values()]}
+    for base in bases.values():
+        # Captured before sharding replaces the parameters: rank 0's full copy stays alive
+        # until every rank's shards are filled from it.
+        source = {**dict(base.named_buffers()), **base.state_dict()} if main else None
+        full_precision = base is networks.get("discriminator")
+        with _wrapping(plugin, base), _precision(plugin, full_precision):
+            fsdp2_prepare_model(accelerator, base)
+        load_from_rank0(base, source, device=accelerator.device)
+        del source
+        # Blocks reshard after each forward; the root unit (embeddings, output head) stays
+        # gathered as accelerate sets it: a GAN loss backpropagates through the frozen
+        # teacher's blocks and root without ever reaching the root's output, so the root would
+        # never be gathered again for that backward.
+
+    # Optimizers over the sharded parameters, made only now: materialising a meta-device
+    # module replaces its parameters. accelerate takes the (already sharded) model with each
+    # optimizer, and saves optimizer i with model i: a base carrying two optimizers is listed
+    # once per optimizer (and its checkpoint written twice).
+    opts, scheds, sync = {}, {}, {}
+    for role, model in networks.items():
+        base = sync[role] = _base_of(model)
+        opt = make_optimizer(role, list(model.parameters()))
+        groups = [list(group["params"]) for group in opt.param_groups]
+        with _wrapping(plugin, base):
+            _, opts[role], scheds[role] = accelerator.prepare(base, opt, make_scheduler(role, opt))
+        # accelerate re-finds each parameter by its shard's data pointer, which every empty
+        # shard (a 1-element bias on rank 1) shares: the parameters are already the right ones.
+        for group, params in zip(opt.param_groups, groups):
+            group["params"] = params
+        if len(accelerator._models) < len(accelerator._optimizers):
+            accelerator._models.append(base)  # accelerate drops a repeat of the last model
+    return PreparedNetworks(
+        student=nets.student,
+        fake_score=nets.fake_score,
+        teacher=nets.teacher,
+        discriminator=networks.get("discriminator"),
+        optimizers=opts,
+        schedulers=scheds,
+        sync_module=sync,
+        fsdp2=True,
+        sharded=list(bases.values()),
+    )
+
+
+# -- gathering ------------------------------------------------------------------------------------
+
+
+def full_state_dict(module: nn.Module, *, main_process: bool) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with sharded tensors gathered, on the CPU of the main process
+    (empty elsewhere). Collective under FSDP2: every rank calls it, one tensor at a time, so
+    no rank holds more than one gathered tensor beyond the main process's result."""
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, torch.Tensor] = {}
+    for name, value in module.state_dict().items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        if main_process:
+            out[name] = value.detach().to("cpu", copy=True)
+    return out

@@ -1,0 +1,283 @@
+"""FSDP2 on 2 CPU ranks (gloo), through accelerate's FSDP2 path forced on by
+``tests/fsdp2_harness.py``: every network sharded in every layout; a 2-rank run over a global
+batch equals the one-process run over the same batch (losses, exported weights, validation
+grids); checkpoint at step k + resume equals the straight run, with a per-rank EMA."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_pipelines import CALL_KWARGS, save_tiny_sd3, save_tiny_wan
+
+from fastgen_diffusers.training import parse_args, train
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+ROOT = Path(__file__).resolve().parent.parent
+HARNESS = ROOT / "tests" / "fsdp2_harness.py"
+PROMPTS = ["a cat", "a dog", "a red car", "a tree", "a house", "a boat", "a bird", "a fish"]
+RECIPE = """\
+guidance_scale: 2.0
+student_update_freq: 2
+sample_t_cfg:
+  time_dist_type: logitnormal
+ema:
+  decay: 0.9
+"""
+GLOBAL_BATCH = 4
+STEPS = 4
+
+
+def torchrun(script: Path, *argv: str, nproc: int = 2, timeout: int = 600) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--standalone",
+        str(script),
+        *argv,
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp2")
+    model = save_tiny_sd3(root / "model")
+    (root / "recipe.yaml").write_text(RECIPE)
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS))
+    (root / "gan.yaml").write_text(RECIPE + "gan_loss_weight_gen: 0.1\ngan_r1_reg_weight: 0.1\n")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    size = CALL_KWARGS["sd3"]
+    rows = []
+    for i, prompt in enumerate(PROMPTS):
+        pixels = rng.integers(0, 255, (size["height"], size["width"], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": prompt}) + "\n")
+    (images / "metadata.jsonl").write_text("".join(rows))
+    return root, model
+
+
+def argv(root: Path, model: Path, out: Path, batch: int, *extra: str) -> list[str]:
+    size = CALL_KWARGS["sd3"]
+    return [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--recipe",
+        str(root / "recipe.yaml"),
+        "--dataset_name",
+        str(root / "prompts.jsonl"),
+        "--output_dir",
+        str(out),
+        "--height",
+        str(size["height"]),
+        "--width",
+        str(size["width"]),
+        "--train_batch_size",
+        str(batch),
+        "--max_train_steps",
+        str(STEPS),
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+        "--seed",
+        "5",
+        *extra,
+    ]
+
+
+def losses(out: Path) -> dict[int, dict]:
+    rows = {}
+    for line in (out / "logs" / "losses.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return rows
+
+
+def assert_same_losses(a: Path, b: Path, rtol: float) -> None:
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
+    for step in la:
+        assert la[step].keys() == lb[step].keys()
+        for key in la[step]:
+            np.testing.assert_allclose(lb[step][key], la[step][key], rtol=rtol, atol=1e-7)
+
+
+def exported(out: Path) -> dict[str, torch.Tensor]:
+    files = sorted(out.glob("transformer/*.safetensors")) or [
+        out / "pytorch_lora_weights.safetensors"
+    ]
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def assert_same_weights(a: Path, b: Path, atol: float) -> None:
+    wa, wb = exported(a), exported(b)
+    assert wa.keys() == wb.keys() and wa
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=atol, msg=key)
+
+
+# fp32 sums in a different order (2 ranks reduce-scatter vs one process): a few ulps per op,
+# amplified over a handful of Adam steps; losses are O(0.1-1).
+LOSS_RTOL = 1e-4
+WEIGHT_ATOL = 1e-5
+
+
+GAN = ["--recipe", "gan.yaml", "--dataset_name", "images", "--gradient_checkpointing"]
+
+
+@pytest.mark.parametrize(
+    "name,layout",
+    [
+        ("full", []),
+        ("shared", ["--use_lora", "--lora_layout", "shared_lora", "--rank", "4"]),
+        # GAN + R1 on images: the sharded discriminator and a backward through the teacher
+        ("full-gan", GAN),
+    ],
+)
+def test_two_ranks_equal_one_process(setup, name, layout):
+    root, model = setup
+    one = root / f"one-{name}"
+    two = root / f"two-{name}"
+    layout = [str(root / a) if a in ("gan.yaml", "images") else a for a in layout]
+    extra = [*layout, "--validation_prompts", "a cat", "--validation_steps", str(STEPS)]
+    train(parse_args(argv(root, model, one, GLOBAL_BATCH, *extra)))
+    torchrun(HARNESS, *argv(root, model, two, GLOBAL_BATCH // 2, *extra))
+    assert_same_losses(one, two, LOSS_RTOL)
+    assert_same_weights(one, two, WEIGHT_ATOL)  # the EMA student, gathered on rank 0
+    for grid in ("teacher-000000.png", f"student-{STEPS:06d}.png"):
+        a = np.asarray(Image.open(one / "validation" / grid), dtype=np.int16)
+        b = np.asarray(Image.open(two / "validation" / grid), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, grid  # 8-bit rounding of equal-to-1e-5 images
+
+
+def test_resume_on_two_ranks_equals_straight_run(setup):
+    root, model = setup
+    straight, resumed, one = root / "straight", root / "resumed", root / "one-local-shard"
+    # local_shard: each rank keeps (and checkpoints) only its shard of the EMA.
+    extra = ["--checkpointing_steps", "2", "--recipe_overrides", "ema.mode=local_shard"]
+    torchrun(HARNESS, *argv(root, model, straight, GLOBAL_BATCH // 2, *extra))
+    checkpoint = straight / "checkpoint-2"
+    # Sharded: one DCP file per rank for each network and its optimizer; each rank's EMA shard.
+    for part in ("pytorch_model_fsdp_0", "optimizer_0", "pytorch_model_fsdp_1", "optimizer_1"):
+        assert len(list((checkpoint / part).glob("*.distcp"))) == 2, part
+    shards = [torch.load(checkpoint / f"ema_rank{r}.pt") for r in (0, 1)]
+    assert shards[0].keys() == shards[1].keys()
+    assert any(not torch.equal(shards[0][k], shards[1][k]) for k in shards[0])
+
+    # A second run picks the straight run up at its step-2 checkpoint.
+    shutil.copytree(checkpoint, resumed / "checkpoint-2")
+    head = (straight / "logs" / "losses.jsonl").read_text().splitlines()[:2]
+    (resumed / "logs").mkdir()
+    (resumed / "logs" / "losses.jsonl").write_text("\n".join(head) + "\n")
+    resume = [*extra, "--resume_from_checkpoint", "latest"]
+    torchrun(HARNESS, *argv(root, model, resumed, GLOBAL_BATCH // 2, *resume))
+    assert_same_losses(straight, resumed, rtol=0)
+    assert_same_weights(straight, resumed, atol=0)
+    # The EMA gathered from the ranks' shards is the one-process EMA.
+    train(parse_args(argv(root, model, one, GLOBAL_BATCH)))
+    assert_same_weights(one, straight, WEIGHT_ATOL)
+
+
+PREPARE_CHECK = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    from fsdp2_harness import CPUFSDP2Accelerator
+    from fastgen_diffusers.lora import LoraSettings, build_dmd_networks
+    from fastgen_diffusers.training.families import family_from_pretrained
+    from fastgen_diffusers.training.parallel import load_pipeline, prepare_networks, unsharded_class
+
+    layout, path = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    acc = CPUFSDP2Accelerator(cpu=True)
+    family = family_from_pretrained(path)
+    pipe = load_pipeline(acc, family, path)
+    # Only rank 0 reads the weights; the other ranks hold an empty (meta) transformer.
+    on_meta = any(p.is_meta for p in pipe.transformer.parameters())
+    assert on_meta == (acc.process_index != 0), on_meta
+    teacher = family.wrap(pipe.transformer)
+    teacher.requires_grad_(False)
+    nets = build_dmd_networks(teacher, layout, LoraSettings(rank=4))
+    disc = family.build_discriminator(nets.teacher)
+    disc_init = {n: q.detach().clone() for n, q in disc.named_parameters()}
+    prepared = prepare_networks(
+        acc,
+        nets,
+        make_optimizer=lambda role, params: torch.optim.AdamW(params),
+        make_scheduler=lambda role, opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        discriminator=disc,
+    )
+    for name in ("student", "fake_score", "discriminator"):
+        net = getattr(prepared, name)
+        params = list(net.parameters())
+        assert params and all(isinstance(p, DTensor) for p in params), name
+        held = {id(p) for g in prepared.optimizers[name].param_groups for p in g["params"]}
+        assert held == {id(p) for p in params}, name  # the optimizer steps the shards
+    base = nets.teacher.module if hasattr(nets.teacher, "adapter") else nets.teacher
+    frozen = list(base.parameters())
+    assert frozen and all(isinstance(p, DTensor) for p in frozen), "teacher"
+    local = sum(p.to_local().numel() for p in frozen)
+    assert local < sum(p.numel() for p in frozen)
+    block = base.transformer._no_split_modules[0]
+    blocks = [m for m in base.modules() if type(m).__name__.endswith(block)]
+    assert blocks and all(isinstance(b, FSDPModule) for b in blocks), block  # per-block units
+    # Every rank holds rank 0's weights and buffers (non-persistent rotary tables included).
+    reference = family.wrap(
+        unsharded_class(pipe.transformer).from_pretrained(path, subfolder="transformer")
+    )
+    expected = dict(reference.named_parameters())
+    for name, p in base.named_parameters():
+        if "lora_" not in name:  # peft keeps the wrapped weight as <module>.base_layer
+            assert torch.equal(p.full_tensor(), expected[name.replace(".base_layer", "")]), name
+    expected = dict(reference.named_buffers())
+    for name, b in base.named_buffers():
+        assert torch.equal(b, expected[name.replace(".base_layer", "")]), name
+    # One discriminator initialisation, rank 0's (the ranks' random streams differ here).
+    for name, q in prepared.discriminator.named_parameters():
+        full = q.full_tensor()
+        if acc.process_index == 0:
+            assert torch.equal(full, disc_init[name]), name
+    print("OK", layout, local)
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "family,layout",
+    [
+        ("sd3", "full"),
+        ("sd3", "student_lora"),
+        ("sd3", "separate_lora"),
+        ("sd3", "shared_lora"),
+        ("wan", "shared_lora"),
+    ],
+)
+def test_every_network_is_sharded(setup, tmp_path, family, layout):
+    _, model = setup
+    if family == "wan":
+        model = save_tiny_wan(tmp_path / "wan")
+    script = tmp_path / "check.py"
+    script.write_text(PREPARE_CHECK)
+    torchrun(script, layout, str(model))
