@@ -56,3 +56,9 @@ def test_generates_the_requested_digits(pipe):
     predicted, _ = digits_eval.classify(images * 2 - 1, digits_eval.load_classifier(CLASSIFIER))
     correct = (predicted == torch.tensor(digits)).sum().item()
     assert correct >= 9, f"classifier read {predicted.tolist()} for digits {digits}"
+
+
+def test_report_refuses_a_folder_without_a_student(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no exported student"):
+        digits_eval.report(tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing written for a wrong path

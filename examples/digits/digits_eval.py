@@ -249,6 +249,23 @@ def student_sigmas(t_list: list[float], steps: int, shift: float = 1.0) -> list[
     return [min(shift * x / (1 + (shift - 1) * x), rungs[0]) for x in u]
 
 
+def check_student_output(output_dir: str | os.PathLike) -> Path:
+    """``output_dir`` if it holds an exported student (``scheduler/`` and ``transformer/`` or a
+    LoRA file), else a ``FileNotFoundError`` that says what is missing."""
+    output_dir = Path(output_dir)
+    has_weights = (output_dir / "transformer" / "config.json").is_file() or (
+        output_dir / "pytorch_lora_weights.safetensors"
+    ).is_file()
+    has_scheduler = (output_dir / "scheduler" / "scheduler_config.json").is_file()
+    if not (has_weights and has_scheduler):
+        raise FileNotFoundError(
+            f"--output_dir {str(output_dir)!r} holds no exported student: expected "
+            "scheduler/scheduler_config.json and transformer/ (or pytorch_lora_weights.safetensors)"
+            ", as train_dmd2.py writes them at the end of a run"
+        )
+    return output_dir
+
+
 def load_student_pipeline(output_dir: str | os.PathLike, teacher: str | os.PathLike):
     """The stock ``StableDiffusion3Pipeline`` of ``teacher`` with the distilled student from
     ``train_dmd2.py``'s ``output_dir`` (a full ``transformer/`` or a LoRA file) and its
@@ -292,6 +309,7 @@ def report(
     from fastgen_diffusers import load_config
     from fastgen_diffusers.config import DMDConfig
 
+    check_student_output(output_dir)
     cfg = DMDConfig.model_validate(load_config(recipe))
     if cfg.student_sample_steps > 1:
         t_list = list(cfg.sample_t_cfg.t_list)
@@ -398,16 +416,19 @@ def main() -> None:
 
     if args.command == "report":
         torch.set_num_threads(args.threads)
-        rows = report(
-            args.output_dir,
-            teacher=args.teacher,
-            recipe=args.recipe,
-            classifier_path=args.classifier,
-            teacher_steps=args.teacher_steps,
-            student_steps=args.student_steps,
-            per_digit=args.per_digit,
-            seed=args.seed,
-        )
+        try:
+            rows = report(
+                args.output_dir,
+                teacher=args.teacher,
+                recipe=args.recipe,
+                classifier_path=args.classifier,
+                teacher_steps=args.teacher_steps,
+                student_steps=args.student_steps,
+                per_digit=args.per_digit,
+                seed=args.seed,
+            )
+        except (FileNotFoundError, ValueError) as err:
+            rp.error(str(err))
         print(markdown_table(rows))
         return
 
