@@ -4,7 +4,6 @@ both modes, and the backward-simulation rung shared by every rank."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -15,12 +14,6 @@ from torch import nn
 import fastgen_diffusers as fgd
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _net() -> nn.Module:
@@ -39,7 +32,7 @@ def _reference_ema(mode_steps: int) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in ema.state_dict().items()}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, out_dir: str) -> None:
     # A file rendezvous: no TCP port to race other processes for.
     rendezvous = f"file://{out_dir}/rendezvous"
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=WORLD)
@@ -116,7 +109,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(out),), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

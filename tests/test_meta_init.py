@@ -4,7 +4,6 @@ ranks (gloo), for a real diffusers transformer with non-persistent rotary buffer
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -39,7 +38,7 @@ def teacher() -> WanWrapper:
     return build()
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, out: str) -> None:
     # A file rendezvous: no TCP port to race other processes for.
     rendezvous = f"file://{out}/rendezvous"
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=2)
@@ -78,10 +77,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("meta")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(str(out),), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
