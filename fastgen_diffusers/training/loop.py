@@ -269,8 +269,12 @@ def train(args: argparse.Namespace) -> Path:
         "fake_score": args.fake_score_learning_rate or args.learning_rate,
         "discriminator": args.discriminator_learning_rate or args.learning_rate,
     }
-    updates = {"student": student_updates, "fake_score": other_updates}
-    updates["discriminator"] = other_updates  # trained alongside the fake score
+    # The discriminator is trained alongside the fake score.
+    updates = {
+        "student": student_updates,
+        "fake_score": other_updates,
+        "discriminator": other_updates,
+    }
     # DDP, or FSDP2 from the accelerate config: parallel.py is where that is decided.
     prepared = prepare_networks(
         accelerator,
@@ -321,7 +325,6 @@ def train(args: argparse.Namespace) -> Path:
         if validation_cond is None or not (accelerator.is_main_process or prepared.fsdp2):
             return
         cond = _to(validation_cond, device, weight_dtype)
-        prepared.reshard()
         model = accelerator.unwrap_model(student)
         with ema_weights(dmd.ema, model) if dmd.ema is not None else contextlib.nullcontext():
             latents = validation.sample_images(
@@ -368,13 +371,13 @@ def train(args: argparse.Namespace) -> Path:
     loss_log = output_dir / args.logging_dir / "losses.jsonl"
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = args.train_batch_size * world
+    # Rank r takes rows [r * B, (r + 1) * B) of the global batch: its data, and the noise and
+    # timesteps it draws (DMDPipeline.draw_for_global_batch).
+    rows = slice(rank * args.train_batch_size, (rank + 1) * args.train_batch_size)
 
     def next_batch() -> dict[str, Any]:
-        # Rank r takes rows [r * B, (r + 1) * B) of the global batch, the rows whose noise and
-        # timesteps it draws (DMDPipeline.draw_for_global_batch).
-        indices = sampler.take(global_batch)
-        local = indices[rank * args.train_batch_size : (rank + 1) * args.train_batch_size]
-        return train_data.collate([train_data[i] for i in local])
+        indices = sampler.take(global_batch)[rows]
+        return train_data.collate([train_data[i] for i in indices])
 
     if counter.step == 0:
         validate(0, teacher_grid=True)
@@ -402,9 +405,8 @@ def train(args: argparse.Namespace) -> Path:
             ehs = cond.pop("encoder_hidden_states", None)
             latents = batch.get("latents")
             latents = latents.to(device, weight_dtype) if latents is not None else None
-            noise = torch.randn((global_batch, *latent_shape), device=device, dtype=weight_dtype)[
-                rank * args.train_batch_size : (rank + 1) * args.train_batch_size
-            ]
+            shape = (global_batch, *latent_shape)
+            noise = torch.randn(shape, device=device, dtype=weight_dtype)[rows]
             last = micro == args.gradient_accumulation_steps - 1
             sync = contextlib.ExitStack()
             if not last:
@@ -488,7 +490,6 @@ def train(args: argparse.Namespace) -> Path:
     final_student = accelerator.unwrap_model(student)
     gathered = None
     if prepared.fsdp2:  # every rank gathers the (EMA) student; the main process writes it
-        prepared.reshard()
         with ema_weights(dmd.ema, final_student) if dmd.ema else contextlib.nullcontext():
             gathered = full_state_dict(final_student, main_process=accelerator.is_main_process)
     if counter.step % args.validation_steps:  # the final weights' grid, if not drawn yet
