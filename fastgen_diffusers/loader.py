@@ -9,11 +9,12 @@ Example::
     from fastgen_diffusers import load_dmd_config
 
     cfg = load_dmd_config("general/distillation/dmd2_wan22_5b")
-    cfg = load_dmd_config("./my_recipe.yaml")
+    cfg = load_dmd_config("./my_recipe.yaml", overrides={"guidance_scale": 4.5})
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,13 @@ import yaml
 
 from .config import DMDConfig
 
-__all__ = ["builtin_recipes", "load_config", "load_dmd_config", "resolve_config_path"]
+__all__ = [
+    "builtin_recipes",
+    "load_config",
+    "load_dmd_config",
+    "merge_overrides",
+    "resolve_config_path",
+]
 
 _SUFFIXES = ("", ".yaml", ".yml")
 
@@ -90,10 +97,26 @@ def load_config(config_file: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_dmd_config(config_file: str | Path) -> DMDConfig:
+def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in: nested mappings merge key by key, any other value
+    replaces the base's (``{"ema": {"decay": 0.9}}`` keeps the recipe's other EMA fields)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_overrides(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_dmd_config(
+    config_file: str | Path, overrides: Mapping[str, Any] | None = None
+) -> DMDConfig:
     """Load a YAML file (or built-in recipe) and construct a :class:`DMDConfig`.
 
-    The mapping is validated against the pydantic schema: unknown keys and out-of-range values
-    raise ``pydantic.ValidationError`` naming the field.
+    ``overrides`` (nested mapping, e.g. ``{"guidance_scale": 4.5, "ema": {"decay": 0.999}}``)
+    is merged into the file's mapping before validation. The mapping is validated against the
+    pydantic schema: unknown keys and out-of-range values raise ``pydantic.ValidationError``
+    naming the field.
     """
-    return DMDConfig.model_validate(load_config(config_file))
+    return DMDConfig.model_validate(merge_overrides(load_config(config_file), overrides or {}))

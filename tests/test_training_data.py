@@ -22,7 +22,7 @@ from fastgen_diffusers.training.data import (
     preprocess_video,
     select_training_columns,
 )
-from fastgen_diffusers.training.sampler import ResumableRandomSampler
+from fastgen_diffusers.training.data_order import ResumableRandomSampler
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -13,9 +13,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["build_parser", "load_recipe", "parse_args", "train"]
+__all__ = ["TrainingArguments", "build_parser", "load_recipe", "parse_args", "train"]
 
-_LOCATIONS = {"build_parser": "args", "parse_args": "args", "load_recipe": "loop", "train": "loop"}
+_LOCATIONS = {
+    "TrainingArguments": "args",
+    "build_parser": "args",
+    "parse_args": "args",
+    "load_recipe": "loop",
+    "train": "loop",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -12,14 +12,110 @@ Example::
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from ..lora import LAYOUTS
 
-__all__ = ["build_parser", "parse_args", "parse_recipe_overrides"]
+__all__ = ["TrainingArguments", "build_parser", "parse_args", "parse_recipe_overrides"]
+
+
+@dataclass(frozen=True)
+class TrainingArguments:
+    """The parsed command line, typed: what the training phases read.
+
+    One field per flag of :func:`build_parser` (same names; defaults live in the parser), after
+    :func:`parse_args` has checked and normalised them (``recipe_overrides`` as a nested dict,
+    ``lora_init`` as ``True`` / ``False`` or a peft init name).
+
+    Example::
+
+        args = parse_args(["--pretrained_model_name_or_path", "path/to/sd3", "--recipe", "r.yaml",
+                           "--dataset_name", "prompts.jsonl"])
+        args.learning_rate       # 1e-05
+        args.layout              # "full" (or the LoRA layout with --use_lora)
+    """
+
+    # model
+    pretrained_model_name_or_path: str
+    revision: str | None
+    variant: str | None
+    recipe: str
+    recipe_overrides: dict[str, Any]
+    flux_guidance: float | None
+    max_sequence_length: int | None
+    # data
+    dataset_name: str | None
+    dataset_config_name: str | None
+    train_data_dir: str | None
+    caption_column: str
+    image_column: str | None
+    video_column: str | None
+    max_train_samples: int | None
+    negative_prompt: str
+    resolution: int
+    height: int | None
+    width: int | None
+    num_frames: int | None
+    cache_dir: str | None
+    # training
+    output_dir: str
+    seed: int
+    train_batch_size: int
+    max_train_steps: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    mixed_precision: str | None
+    learning_rate: float
+    fake_score_learning_rate: float | None
+    discriminator_learning_rate: float | None
+    adam_beta1: float
+    adam_beta2: float
+    adam_weight_decay: float
+    adam_epsilon: float
+    max_grad_norm: float
+    lr_scheduler: str
+    lr_warmup_steps: int
+    # LoRA
+    use_lora: bool
+    lora_layout: str
+    rank: int
+    lora_alpha: float | None
+    lora_dropout: float
+    lora_init: bool | str
+    lora_target_modules: list[str] | None
+    # checkpoints, validation, logging
+    checkpointing_steps: int
+    checkpoints_total_limit: int | None
+    resume_from_checkpoint: str | None
+    validation_prompts: list[str] | None
+    validation_steps: int
+    teacher_validation_steps: int
+    report_to: str
+    logging_dir: str
+    # Hub
+    push_to_hub: bool
+    hub_model_id: str | None
+    hub_token: str | None
+    hub_private: bool
+
+    @property
+    def layout(self) -> str:
+        """``"full"``, or the LoRA layout when ``--use_lora`` is given."""
+        return self.lora_layout if self.use_lora else "full"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)`` of the training media (``--height``/``--width`` over
+        ``--resolution``)."""
+        return (self.height or self.resolution, self.width or self.resolution)
+
+    def replace(self, **changes: Any) -> TrainingArguments:
+        """A copy with ``changes`` applied (the arguments are frozen)."""
+        return dataclasses.replace(self, **changes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--flux_guidance",
         type=float,
-        default=3.5,
-        help="Flux-dev only: the embedded guidance value the student learns at.",
+        default=None,
+        help="Flux only: the embedded guidance value the student learns at (default: 3.5 for "
+        "guidance-distilled checkpoints such as FLUX.1-dev).",
     )
     model.add_argument(
         "--max_sequence_length",
@@ -141,9 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         default=None,
         help="Where the prompt embeddings and latents are cached (default: <output_dir>/cache).",
-    )
-    data.add_argument(
-        "--dataloader_num_workers", type=int, default=0, help="Data-loader worker processes."
     )
 
     train = parser.add_argument_group("training")
@@ -332,12 +426,10 @@ def parse_recipe_overrides(items: list[str]) -> dict[str, Any]:
     return result
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> TrainingArguments:
+    """Parse and check ``argv`` (default: ``sys.argv[1:]``); a bad flag exits with a message."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    env_rank = int(os.environ.get("LOCAL_RANK", -1))
-    if env_rank != -1:
-        args.local_rank = env_rank
     if args.dataset_name is None and args.train_data_dir is None:
         parser.error("give --dataset_name or --train_data_dir")
     positive = [
@@ -362,4 +454,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(err))
     lora_init = args.lora_init.lower()
     args.lora_init = {"true": True, "false": False}.get(lora_init, args.lora_init)
-    return args
+    return TrainingArguments(**vars(args))

@@ -11,7 +11,7 @@ Example::
 
     from fastgen_diffusers.training.cache import build_cache
     from fastgen_diffusers.training.data import load_training_dataset
-    from fastgen_diffusers.training.sampler import ResumableRandomSampler
+    from fastgen_diffusers.training.data_order import ResumableRandomSampler
 
     dataset = load_training_dataset("prompts.jsonl")  # or a Hub name, or an image folder
     cached = build_cache(

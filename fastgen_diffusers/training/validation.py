@@ -1,7 +1,8 @@
 """Validation samples: the student's few-step grid and the teacher's reference grid.
 
 Noise comes from per-image seeded generators (never the global RNG), so validation does not
-change the training run it is part of.
+change the training run it is part of. :func:`validate` is the training loop's phase: it draws
+the grids, writes ``validation/<student|teacher>-<step>.png`` and logs them to the trackers.
 
 Example::
 
@@ -12,17 +13,26 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from ..ema import ema_weights
 from ..sampling import sample_student, sample_teacher
 
-__all__ = ["image_grid", "sample_images", "teacher_sigmas"]
+if TYPE_CHECKING:
+    from .state import Run, Teacher, Trainer, TrainingData
+
+__all__ = ["image_grid", "sample_images", "teacher_sigmas", "validate"]
+
+# Validation draws each prompt with these seeds (offsets from --seed).
+_NUM_SEEDS = 2
 
 
 def _noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -117,3 +127,73 @@ def image_grid(images: torch.Tensor, rows: int) -> Image.Image:
         r, c = divmod(i, cols)
         canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
     return Image.fromarray(canvas)
+
+
+def validate(
+    run: Run,
+    teacher: Teacher,
+    data: TrainingData,
+    trainer: Trainer,
+    step: int,
+    *,
+    teacher_grid: bool = False,
+) -> None:
+    """Draw the student's grid at ``step`` (EMA weights when the recipe has an EMA) and, with
+    ``teacher_grid``, the teacher's reference grid; save and log them on the main process.
+
+    A sharded model needs every rank in its forward, so under FSDP2 every rank samples.
+    """
+    from .setup import to_device
+
+    accelerator, prepared = run.accelerator, trainer.prepared
+    if data.validation_cond is None or not (run.is_main or prepared.fsdp2):
+        return
+    cond = to_device(data.validation_cond, run.device, run.weight_dtype)
+    seeds = list(range(run.args.seed, run.args.seed + _NUM_SEEDS))
+    model = accelerator.unwrap_model(trainer.student)
+    ema = trainer.dmd.ema
+    with ema_weights(ema, model) if ema is not None else contextlib.nullcontext():
+        grids = {
+            "student": sample_images(
+                model,
+                cond,
+                teacher.latent_shape,
+                seeds,
+                t_list=run.t_list,
+                sample_type=run.cfg.student_sample_type,
+            )
+        }
+        prepared.reshard()  # before the live weights go back into the shards
+    if teacher_grid:  # once, at the start: the reference the student is distilled from
+        seq_len = math.prod(teacher.latent_shape[-2:]) // 4
+        sigmas = teacher_sigmas(teacher.pipe.scheduler, run.args.teacher_validation_steps, seq_len)
+        grids["teacher"] = sample_images(
+            prepared.teacher,
+            cond,
+            teacher.latent_shape,
+            seeds,
+            sigmas=sigmas,
+            guidance_scale=run.cfg.guidance_scale,
+            negative=to_device(data.negative, run.device, run.weight_dtype),
+        )
+        prepared.reshard()
+    if run.is_main:
+        rows = len(next(iter(data.validation_cond.values())))
+        _save_grids(run, teacher, grids, step, rows)
+
+
+def _save_grids(
+    run: Run, teacher: Teacher, grids: dict[str, torch.Tensor], step: int, rows: int
+) -> None:
+    folder = run.output_dir / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, latents in grids.items():
+        with torch.no_grad():
+            images = teacher.family.decode(teacher.pipe, latents.to(run.weight_dtype))
+        grid = image_grid(images, rows=rows)
+        grid.save(folder / f"{name}-{step:06d}.png")
+        for tracker in run.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images(
+                    {f"validation/{name}": np.asarray(grid)[None]}, step=step, dataformats="NHWC"
+                )
