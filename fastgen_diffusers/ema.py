@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TypeGuard, cast
 
 import torch
 from torch import nn
@@ -28,8 +29,9 @@ _STRIP = ("_checkpoint_wrapped_module.", "_orig_mod.")
 try:  # torch.distributed is optional in some builds
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # pragma: no cover
-    DTensor = None
-    distribute_tensor = None
+    # Builds without torch.distributed: the names exist, and _is_dtensor is always False.
+    DTensor = None  # type: ignore[misc,assignment]
+    distribute_tensor = None  # type: ignore[assignment]
 
 
 def _clean(name: str) -> str:
@@ -38,7 +40,7 @@ def _clean(name: str) -> str:
     return name
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def _is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
     return DTensor is not None and isinstance(t, DTensor)
 
 
@@ -122,9 +124,10 @@ class ExponentialMovingAverage:
 
     def _live(self, param: torch.Tensor) -> torch.Tensor:
         if _is_dtensor(param):
+            detached = cast(DTensor, param.detach())  # still a DTensor; torch types it Tensor
             if self.config.mode == "full_tensor":
-                return param.detach().full_tensor()
-            return param.detach().to_local()
+                return detached.full_tensor()
+            return detached.to_local()
         return param.detach()
 
     def _matched(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -185,9 +188,9 @@ class ExponentialMovingAverage:
         for name, param, shadow in self._matched(target):
             _assign(param, shadow, name)
         for name, buf in target.named_buffers():
-            shadow = self._buffers.get(_clean(name))
-            if shadow is not None:
-                _assign(buf, shadow, name)
+            buf_shadow = self._buffers.get(_clean(name))
+            if buf_shadow is not None:
+                _assign(buf, buf_shadow, name)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The shadow state (parameters, then buffers) keyed by parameter name.
@@ -210,6 +213,7 @@ class ExponentialMovingAverage:
             )
         for name, value in state.items():
             shadow = self._params.get(name, self._buffers.get(name))
+            assert shadow is not None  # every key was checked against expected above
             if shadow.shape != value.shape:
                 raise ValueError(
                     f"EMA state for {name!r} has shape {tuple(value.shape)}, expected "

@@ -90,6 +90,7 @@ def load_from_rank0(
     if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
         module.to_empty(device=target)
     if rank == 0:
+        assert source is not None  # checked above
         state_dict = dict(source.state_dict() if isinstance(source, nn.Module) else source)
         buffers = dict(source.named_buffers()) if isinstance(source, nn.Module) else state_dict
         missing = [name for name, _ in module.named_buffers() if name not in buffers]

@@ -89,7 +89,7 @@ class FeatureCapture:
 
     def __init__(
         self,
-        blocks: Sequence[nn.Module],
+        blocks: Sequence[nn.Module] | nn.ModuleList | nn.Sequential,
         feature_indices: Sequence[int],
         transform: Transform | None = None,
     ) -> None:
@@ -179,7 +179,9 @@ class FeatureCapture:
         self._pre_hooks = []
 
 
-def _resolve_blocks(module: nn.Module, blocks: str | Sequence[nn.Module] | None) -> Sequence:
+def _resolve_blocks(
+    module: nn.Module, blocks: str | Sequence[nn.Module] | None
+) -> Sequence[nn.Module] | nn.ModuleList | nn.Sequential:
     if blocks is not None and not isinstance(blocks, str):
         return blocks
     names = (blocks,) if isinstance(blocks, str) else _DEFAULT_BLOCK_ATTRS

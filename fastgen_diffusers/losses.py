@@ -18,7 +18,7 @@ __all__ = ["dsm_loss", "gan_disc_loss", "gan_gen_loss", "r1_loss", "vsd_loss"]
 _PRED_TYPES = ("x0", "eps", "v", "flow")
 
 
-def _need(pred_type: str, **tensors: torch.Tensor | None) -> None:
+def _need(pred_type: str, **tensors: object) -> None:
     missing = [name for name, value in tensors.items() if value is None]
     if missing:
         raise ValueError(f"dsm_loss(pred_type={pred_type!r}) needs {', '.join(missing)}")
@@ -46,17 +46,22 @@ def dsm_loss(
     """
     if pred_type == "x0":
         _need(pred_type, x0=x0)
+        assert x0 is not None
         target = x0
     elif pred_type == "eps":
         _need(pred_type, eps=eps)
+        assert eps is not None
         target = eps
     elif pred_type == "v":
         _need(pred_type, x0=x0, eps=eps, t=t, alpha_fn=alpha_fn, sigma_fn=sigma_fn)
+        assert x0 is not None and eps is not None and t is not None
+        assert alpha_fn is not None and sigma_fn is not None
         alpha = expand_like(alpha_fn(t), x0).to(x0.dtype)
         sigma = expand_like(sigma_fn(t), x0).to(x0.dtype)
         target = alpha * eps - sigma * x0
     elif pred_type == "flow":
         _need(pred_type, x0=x0, eps=eps)
+        assert x0 is not None and eps is not None
         target = eps - x0
     else:
         raise ValueError(f"Unknown pred_type={pred_type!r}; expected one of {_PRED_TYPES}")

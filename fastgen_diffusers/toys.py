@@ -72,12 +72,19 @@ class GaussianMixture:
 class MixtureTeacher(nn.Module):
     """Exact flow prediction of a Gaussian mixture: ``v = (x_t - E[x0 | x_t]) / t``."""
 
+    modes: torch.Tensor
+
     def __init__(self, modes: torch.Tensor, std: float) -> None:
         super().__init__()
         self.register_buffer("modes", modes.clone().double())
         self.std = std
 
-    def forward(self, hidden_states, timestep, encoder_hidden_states=None):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x, t = hidden_states.double(), timestep.double()[:, None]
         var = (1 - t) ** 2 * self.std**2 + t**2  # Var(x_t | mode)
         means = (1 - t)[:, None] * self.modes[None]  # [B, K, 2]
@@ -100,7 +107,12 @@ class MLPDenoiser(nn.Module):
             nn.Linear(hidden, 2),
         )  # fmt: skip
 
-    def forward(self, hidden_states, timestep, encoder_hidden_states=None):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         t = timestep[:, None].to(hidden_states.dtype)
         features = torch.cat([hidden_states, t, torch.log(t.clamp_min(1e-3))], dim=-1)
         return self.net(features)

@@ -130,8 +130,9 @@ class DMDPipeline(DistillationPipeline):
         self._data_parallel: tuple[int, int] | None = None
         # The EMA tracks the module inside a DDP wrapper (DDP's own parameter listing can miss
         # parameters a wrapped view exposes, and its names carry a "module." prefix).
-        is_ddp = isinstance(student, DistributedDataParallel)
-        self._ema_target = student.module if is_ddp else student
+        self._ema_target = (
+            student.module if isinstance(student, DistributedDataParallel) else student
+        )
         self._ema = (
             ExponentialMovingAverage(self._ema_target, config.ema)
             if config.ema is not None
@@ -254,6 +255,7 @@ class DMDPipeline(DistillationPipeline):
             x = (noise.to(torch.float64) * max_t).to(noise.dtype)
             return x, torch.full((batch,), max_t, device=device, dtype=torch.float32)
         t_list = cfg.sample_t_cfg.t_list
+        assert t_list is not None  # DMDConfig requires it when student_sample_steps > 1
         if cfg.backward_simulation:
             rung = self._rung_index(len(t_list) - 1, device)
             x = (noise.to(torch.float64) * t_list[0]).to(noise.dtype)
@@ -310,6 +312,7 @@ class DMDPipeline(DistillationPipeline):
         """Teacher x0 (detached, CFG applied) and, with ``capture``, the conditional pass's
         features with their graph to ``x_t`` kept."""
         batch = x_t.shape[0]
+        record: contextlib.AbstractContextManager[list[torch.Tensor]]
         record = capture.record() if capture is not None else contextlib.nullcontext([])
         grad = torch.enable_grad() if capture is not None else torch.no_grad()
         if guidance_scale is not None and self.batch_cfg:
@@ -418,6 +421,7 @@ class DMDPipeline(DistillationPipeline):
         vsd = vsd_loss(gen, teacher_x0, fake_x0)
         if features is None:
             return {"vsd": vsd, "total": vsd}
+        assert self.discriminator is not None  # features come only with gan_enabled
         with _params_frozen(self.discriminator):
             gan_gen = gan_gen_loss(self.discriminator(features))
         total = vsd + self.config.gan_loss_weight_gen * gan_gen
