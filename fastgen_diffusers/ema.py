@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import EMAConfig
+from .utils import is_dtensor
 
 __all__ = ["ExponentialMovingAverage", "ema_weights"]
 
@@ -26,9 +27,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _STRIP = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 try:  # torch.distributed is optional in some builds
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
 except ImportError:  # pragma: no cover
-    DTensor = None
     distribute_tensor = None
 
 
@@ -36,10 +36,6 @@ def _clean(name: str) -> str:
     for prefix in _STRIP:
         name = name.replace(prefix, "")
     return name
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
 
 
 class ExponentialMovingAverage:
@@ -70,8 +66,8 @@ class ExponentialMovingAverage:
         self._params: dict[str, torch.Tensor] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for name, param in self._named_params(model):
-                if _is_dtensor(param) and not config.fsdp2:
+            for name, param in self.tracked_parameters(model):
+                if is_dtensor(param) and not config.fsdp2:
                     raise ValueError(
                         f"Parameter {name!r} is a DTensor (FSDP2-sharded) but EMAConfig.fsdp2 is "
                         "False; set fsdp2=True to track sharded parameters"
@@ -87,7 +83,7 @@ class ExponentialMovingAverage:
                 + (" with requires_grad=True" if trainable_only else "")
             )
         self._sharded = config.mode == "local_shard" and any(
-            _is_dtensor(p) for _, p in self._named_params(model)
+            is_dtensor(p) for _, p in self.tracked_parameters(model)
         )
 
     @property
@@ -112,16 +108,23 @@ class ExponentialMovingAverage:
             halflife_nimg = min(halflife_nimg, iteration * cfg.batch_size * cfg.rampup_ratio)
         return 0.5 ** (cfg.batch_size / max(halflife_nimg, 1e-8))
 
-    # -- internals --------------------------------------------------------------------------
+    def tracked_parameters(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, parameter)`` of every parameter of ``model`` this EMA shadows, named as in
+        its state (wrapper prefixes such as ``_orig_mod.`` removed).
 
-    def _named_params(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        Example::
+
+            live = {name: p.detach().clone() for name, p in ema.tracked_parameters(student)}
+        """
         for name, param in model.named_parameters():
             if self.trainable_only and not param.requires_grad:
                 continue
             yield _clean(name), param
 
+    # -- internals --------------------------------------------------------------------------
+
     def _live(self, param: torch.Tensor) -> torch.Tensor:
-        if _is_dtensor(param):
+        if is_dtensor(param):
             if self.config.mode == "full_tensor":
                 return param.detach().full_tensor()
             return param.detach().to_local()
@@ -129,7 +132,7 @@ class ExponentialMovingAverage:
 
     def _matched(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         seen = set()
-        for name, param in self._named_params(model):
+        for name, param in self.tracked_parameters(model):
             if name not in self._params:
                 raise KeyError(
                     f"EMA has no shadow for parameter {name!r} of {type(model).__name__}"
@@ -221,7 +224,7 @@ class ExponentialMovingAverage:
 
 
 def _assign(target: torch.Tensor, shadow: torch.Tensor, name: str) -> None:
-    if _is_dtensor(target):
+    if is_dtensor(target):
         local = target.to_local()
         if shadow.shape == target.shape:
             full = shadow.to(device=local.device, dtype=target.dtype)
@@ -249,11 +252,11 @@ def ema_weights(ema: ExponentialMovingAverage, model: nn.Module) -> Iterator[nn.
             save_student_lora(student, "output/")
     """
     with torch.no_grad():
-        live = {name: p.detach().clone() for name, p in ema._named_params(model)}
+        live = {name: p.detach().clone() for name, p in ema.tracked_parameters(model)}
     ema.copy_to(model)
     try:
         yield model
     finally:
         with torch.no_grad():
-            for name, param in ema._named_params(model):
+            for name, param in ema.tracked_parameters(model):
                 param.copy_(live[name])

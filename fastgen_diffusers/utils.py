@@ -4,7 +4,23 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["classifier_free_guidance", "expand_like"]
+try:  # torch.distributed is optional in some builds
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None
+
+__all__ = ["classifier_free_guidance", "expand_like", "is_dtensor"]
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a parameter sharded by FSDP2); ``False`` where torch has
+    no ``torch.distributed``.
+
+    Example::
+
+        sharded = any(is_dtensor(p) for p in model.parameters())
+    """
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 def expand_like(x: torch.Tensor | float, target: torch.Tensor) -> torch.Tensor:
