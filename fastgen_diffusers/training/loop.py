@@ -42,7 +42,7 @@ from ..lora import (
 )
 from ..methods import DMDPipeline
 from . import validation
-from .cache import build_cache
+from .cache import CacheSettings, build_cache
 from .checkpointing import (
     checkpoint_step,
     load_per_rank_state,
@@ -174,17 +174,19 @@ def train(args: argparse.Namespace) -> Path:
             "images (--image_column) or videos (--video_column), or change the recipe"
         )
     cache_dir = Path(args.cache_dir) if args.cache_dir else output_dir / "cache"
-    fingerprint = {
-        "model": args.pretrained_model_name_or_path,
-        "revision": args.revision,
-        "variant": args.variant,
-        "family": family.name,
-        "height": height,
-        "width": width,
-        "num_frames": args.num_frames,
-        "max_sequence_length": args.max_sequence_length,
-        "dtype": str(weight_dtype),
-    }
+    cache_settings = CacheSettings(
+        model=args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        family=family.name,
+        height=height,
+        width=width,
+        num_frames=args.num_frames,
+        max_sequence_length=args.max_sequence_length,
+        dtype=str(weight_dtype),
+        negative_prompt=args.negative_prompt,
+        needs_media=needs_media,
+    )
 
     def encode_prompts(prompts: list[str]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -198,14 +200,11 @@ def train(args: argparse.Namespace) -> Path:
     with accelerator.main_process_first():
         train_data = build_cache(
             dataset,
+            cache_settings,
             cache_dir=cache_dir,
-            fingerprint_parts=fingerprint,
             encode_prompts=encode_prompts,
             encode_media=encode_media if needs_media else None,
-            negative_prompt=args.negative_prompt,
             batch_size=max(args.train_batch_size, 4),
-            resolution=(height, width),
-            num_frames=args.num_frames,
         )
         prompts = args.validation_prompts or []
         validation_cond = encode_prompts(prompts) if prompts else None
