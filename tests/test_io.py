@@ -85,7 +85,7 @@ def test_written_files_get_umask_permissions(tmp_path):
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
 
 
-def test_json_and_text_helpers(tmp_path):
+def test_json_and_text_writers(tmp_path):
     path = write_json_atomic(tmp_path / "sub" / "dir" / "c.json", {"b": 1, "a": [1, 2]})
     assert path == tmp_path / "sub" / "dir" / "c.json"
     assert path.read_text() == json.dumps({"a": [1, 2], "b": 1}, indent=2, sort_keys=True)
