@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TypeGuard, cast
+from typing import cast
 
 import torch
 from torch import nn
 
 from .config import EMAConfig
+from .utils import DTensor, is_dtensor
 
 __all__ = ["ExponentialMovingAverage", "ema_weights"]
 
@@ -27,10 +28,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _STRIP = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 try:  # torch.distributed is optional in some builds
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
 except ImportError:  # pragma: no cover
-    # Builds without torch.distributed: the names exist, and _is_dtensor is always False.
-    DTensor = None  # type: ignore[misc,assignment]
     distribute_tensor = None  # type: ignore[assignment]
 
 
@@ -38,10 +37,6 @@ def _clean(name: str) -> str:
     for prefix in _STRIP:
         name = name.replace(prefix, "")
     return name
-
-
-def _is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
-    return DTensor is not None and isinstance(t, DTensor)
 
 
 class ExponentialMovingAverage:
@@ -72,8 +67,8 @@ class ExponentialMovingAverage:
         self._params: dict[str, torch.Tensor] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for name, param in self._named_params(model):
-                if _is_dtensor(param) and not config.fsdp2:
+            for name, param in self.tracked_parameters(model):
+                if is_dtensor(param) and not config.fsdp2:
                     raise ValueError(
                         f"Parameter {name!r} is a DTensor (FSDP2-sharded) but EMAConfig.fsdp2 is "
                         "False; set fsdp2=True to track sharded parameters"
@@ -89,7 +84,7 @@ class ExponentialMovingAverage:
                 + (" with requires_grad=True" if trainable_only else "")
             )
         self._sharded = config.mode == "local_shard" and any(
-            _is_dtensor(p) for _, p in self._named_params(model)
+            is_dtensor(p) for _, p in self.tracked_parameters(model)
         )
 
     @property
@@ -114,16 +109,23 @@ class ExponentialMovingAverage:
             halflife_nimg = min(halflife_nimg, iteration * cfg.batch_size * cfg.rampup_ratio)
         return 0.5 ** (cfg.batch_size / max(halflife_nimg, 1e-8))
 
-    # -- internals --------------------------------------------------------------------------
+    def tracked_parameters(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, parameter)`` of every parameter of ``model`` this EMA shadows, named as in
+        its state (wrapper prefixes such as ``_orig_mod.`` removed).
 
-    def _named_params(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        Example::
+
+            live = {name: p.detach().clone() for name, p in ema.tracked_parameters(student)}
+        """
         for name, param in model.named_parameters():
             if self.trainable_only and not param.requires_grad:
                 continue
             yield _clean(name), param
 
+    # -- internals --------------------------------------------------------------------------
+
     def _live(self, param: torch.Tensor) -> torch.Tensor:
-        if _is_dtensor(param):
+        if is_dtensor(param):
             detached = cast(DTensor, param.detach())  # still a DTensor; torch types it Tensor
             if self.config.mode == "full_tensor":
                 return detached.full_tensor()
@@ -132,7 +134,7 @@ class ExponentialMovingAverage:
 
     def _matched(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         seen = set()
-        for name, param in self._named_params(model):
+        for name, param in self.tracked_parameters(model):
             if name not in self._params:
                 raise KeyError(
                     f"EMA has no shadow for parameter {name!r} of {type(model).__name__}"
@@ -225,7 +227,7 @@ class ExponentialMovingAverage:
 
 
 def _assign(target: torch.Tensor, shadow: torch.Tensor, name: str) -> None:
-    if _is_dtensor(target):
+    if is_dtensor(target):
         local = target.to_local()
         if shadow.shape == target.shape:
             full = shadow.to(device=local.device, dtype=target.dtype)
@@ -253,11 +255,11 @@ def ema_weights(ema: ExponentialMovingAverage, model: nn.Module) -> Iterator[nn.
             save_student_lora(student, "output/")
     """
     with torch.no_grad():
-        live = {name: p.detach().clone() for name, p in ema._named_params(model)}
+        live = {name: p.detach().clone() for name, p in ema.tracked_parameters(model)}
     ema.copy_to(model)
     try:
         yield model
     finally:
         with torch.no_grad():
-            for name, param in ema._named_params(model):
+            for name, param in ema.tracked_parameters(model):
                 param.copy_(live[name])

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .ema import _is_dtensor
 from .features import detach_feature_capture
+from .utils import is_dtensor
 
 __all__ = ["create_fake_score", "create_fake_score_meta", "load_from_rank0"]
 
@@ -18,7 +18,7 @@ __all__ = ["create_fake_score", "create_fake_score_meta", "load_from_rank0"]
 def _looks_fsdp_wrapped(module: nn.Module) -> bool:
     if any("_fsdp_wrapped_module" in name for name, _ in module.named_modules()):
         return True
-    return any(_is_dtensor(p) for p in module.parameters())
+    return any(is_dtensor(p) for p in module.parameters())
 
 
 def create_fake_score(teacher: nn.Module, *, deep_copy: bool = True) -> nn.Module:

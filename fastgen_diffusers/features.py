@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import remove_forward_hook, remove_forward_pre_hook
+
 __all__ = [
     "FEATURE_CAPTURE_ATTR",
     "FeatureCapture",
@@ -171,10 +173,9 @@ class FeatureCapture:
     def remove(self) -> None:
         """Remove the hooks from the blocks this capture holds (a deep copy holds the copy's)."""
         for block, hook_id in self._hooks:
-            block._forward_hooks.pop(hook_id, None)
+            remove_forward_hook(block, hook_id)
         for module, hook_id in self._pre_hooks:
-            module._forward_pre_hooks.pop(hook_id, None)
-            module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+            remove_forward_pre_hook(module, hook_id)
         self._hooks = []
         self._pre_hooks = []
 

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 
-__all__ = ["classifier_free_guidance", "expand_like"]
+try:  # torch.distributed is optional in some builds
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    # Builds without torch.distributed: the name exists, and is_dtensor is always False.
+    DTensor = None  # type: ignore[misc,assignment]
+
+__all__ = ["classifier_free_guidance", "expand_like", "is_dtensor"]
+
+
+def is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
+    """Whether ``t`` is a ``DTensor`` (a parameter sharded by FSDP2); ``False`` where torch has
+    no ``torch.distributed``.
+
+    Example::
+
+        sharded = any(is_dtensor(p) for p in model.parameters())
+    """
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 def expand_like(x: torch.Tensor | float, target: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,9 @@ STEPS = 4
 
 
 def torchrun(script: Path, *argv: str, nproc: int = 2, timeout: int = 600) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    # The tree under test first: an installed fastgen_diffusers elsewhere must not shadow it.
+    pythonpath = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     cmd = [
         sys.executable,
         "-m",

@@ -14,7 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fastgen_diffusers.training.cache import CachedDataset, build_cache, cache_fingerprint
+from fastgen_diffusers.training.cache import (
+    CachedDataset,
+    CacheSettings,
+    build_cache,
+    cache_fingerprint,
+)
 from fastgen_diffusers.training.data import (
     load_training_dataset,
     load_video,
@@ -73,6 +78,15 @@ def fake_encode_media(pixels: torch.Tensor) -> torch.Tensor:
 
 
 PARTS = {"model": "tiny/model", "revision": "main", "family": "sd3", "max_sequence_length": 3}
+
+
+def _settings(parts=PARTS, resolution=None, with_latents=False, **fields) -> CacheSettings:
+    """CacheSettings from the model-side ``parts``, a square or (h, w) resolution and fields."""
+    if resolution is not None:
+        fields["height"], fields["width"] = (
+            (resolution, resolution) if isinstance(resolution, int) else resolution
+        )
+    return CacheSettings(**parts, needs_media=with_latents, **fields)
 
 
 # -- fixtures: everything on disk in tmp_path ----------------------------------------------------
@@ -253,18 +267,30 @@ def test_preprocess_video_samples_frames_evenly(tmp_path):
 # -- the cache -----------------------------------------------------------------------------------
 
 
-def _build(dataset, cache_dir, prompts=None, media=None, **kwargs):
-    options = dict(
+def _build(
+    dataset,
+    cache_dir,
+    prompts=None,
+    media=None,
+    fingerprint_parts=PARTS,
+    batch_size=2,
+    samples_per_shard=1024,
+    **fields,
+):
+    settings = _settings(
+        fingerprint_parts,
+        with_latents=media is not None,
+        **{"negative_prompt": "blurry", "resolution": 4, **fields},
+    )
+    return build_cache(
+        dataset,
+        settings,
         cache_dir=cache_dir,
-        fingerprint_parts=PARTS,
         encode_prompts=prompts or Counting(fake_encode_prompts),
         encode_media=media,
-        negative_prompt="blurry",
-        batch_size=2,
-        resolution=4,
+        batch_size=batch_size,
+        samples_per_shard=samples_per_shard,
     )
-    options.update(kwargs)
-    return build_cache(dataset, **options)
 
 
 def test_cache_holds_the_encoders_outputs(image_folder, tmp_path, hf_cache):
@@ -343,17 +369,17 @@ def test_fingerprint_follows_every_input(image_folder, tmp_path, hf_cache):
     folder, _ = image_folder
     ds = load_training_dataset(train_data_dir=folder, cache_dir=hf_cache)
     base = dict(resolution=4, negative_prompt="blurry", with_latents=True)
-    reference = cache_fingerprint(ds, PARTS, **base)
-    assert cache_fingerprint(ds, dict(PARTS), **base) == reference
+    reference = cache_fingerprint(ds, _settings(PARTS, **base))
+    assert cache_fingerprint(ds, _settings(dict(PARTS), **base)) == reference
     changed = [
-        cache_fingerprint(ds, PARTS, **{**base, "resolution": 8}),
-        cache_fingerprint(ds, PARTS, **{**base, "resolution": (4, 8)}),
-        cache_fingerprint(ds, PARTS, **{**base, "negative_prompt": "ugly"}),
-        cache_fingerprint(ds, PARTS, **{**base, "negative_prompt": None}),
-        cache_fingerprint(ds, {**PARTS, "revision": "refs/pr/1"}, **base),
-        cache_fingerprint(ds, {**PARTS, "max_sequence_length": 4}, **base),
-        cache_fingerprint(ds, PARTS, **{**base, "with_latents": False}),
-        cache_fingerprint(ds.select(range(2)), PARTS, **base),
+        cache_fingerprint(ds, _settings(PARTS, **{**base, "resolution": 8})),
+        cache_fingerprint(ds, _settings(PARTS, **{**base, "resolution": (4, 8)})),
+        cache_fingerprint(ds, _settings(PARTS, **{**base, "negative_prompt": "ugly"})),
+        cache_fingerprint(ds, _settings(PARTS, **{**base, "negative_prompt": None})),
+        cache_fingerprint(ds, _settings({**PARTS, "revision": "refs/pr/1"}, **base)),
+        cache_fingerprint(ds, _settings({**PARTS, "max_sequence_length": 4}, **base)),
+        cache_fingerprint(ds, _settings(PARTS, **{**base, "with_latents": False})),
+        cache_fingerprint(ds.select(range(2)), _settings(PARTS, **base)),
     ]
     assert len({reference, *changed}) == len(changed) + 1
 
@@ -372,7 +398,7 @@ def test_fingerprint_follows_every_input(image_folder, tmp_path, hf_cache):
         paths.add(cached.path)
     assert len(paths) == 4 and len(os.listdir(cache_dir)) == 4
     with pytest.raises(TypeError, match=r"fingerprint_parts\['dtype'\] is a object"):
-        cache_fingerprint(ds, {**PARTS, "dtype": object()})
+        cache_fingerprint(ds, _settings({**PARTS, "dtype": object()}))
 
 
 def test_interrupted_build_leaves_nothing_a_later_build_would_use(tmp_path, hf_cache):
@@ -385,7 +411,7 @@ def test_interrupted_build_leaves_nothing_a_later_build_would_use(tmp_path, hf_c
     assert os.listdir(cache_dir) == []
 
     # A stray directory under the fingerprint's name without an index is not a cache either.
-    fingerprint = cache_fingerprint(ds, PARTS, resolution=4, negative_prompt="blurry")
+    fingerprint = cache_fingerprint(ds, _settings(PARTS, resolution=4, negative_prompt="blurry"))
     (cache_dir / fingerprint).mkdir()
     (cache_dir / fingerprint / "shard-00000.safetensors").write_bytes(b"partial")
 

@@ -9,20 +9,23 @@ new fingerprint, hence a new cache.
 
 Example::
 
-    from fastgen_diffusers.training.cache import build_cache
+    from fastgen_diffusers.training.cache import CacheSettings, build_cache
     from fastgen_diffusers.training.data import load_training_dataset
     from fastgen_diffusers.training.data_order import ResumableRandomSampler
 
     dataset = load_training_dataset("prompts.jsonl")  # or a Hub name, or an image folder
+    settings = CacheSettings(
+        model=model_id, revision=revision, family="sd3", height=1024, width=1024,
+        max_sequence_length=256, dtype="torch.bfloat16", negative_prompt="",
+        needs_media=False,  # True: also cache VAE latents of the images / videos
+    )
     cached = build_cache(
         dataset,
+        settings,
         cache_dir="cache",
-        fingerprint_parts={"model": model_id, "revision": revision, "max_sequence_length": 256},
         encode_prompts=lambda prompts: {"encoder_hidden_states": ..., "pooled_projections": ...},
-        encode_media=None,  # or pixels [B, 3, H, W] in [-1, 1] -> normalised VAE latents
-        negative_prompt="",
+        encode_media=None,  # with needs_media: pixels [B, 3, H, W] in [-1, 1] -> VAE latents
         batch_size=8,
-        resolution=1024,
     )
     del text_encoders, vae  # nothing reads them any more
     sampler = ResumableRandomSampler(len(cached), seed=0)
@@ -32,15 +35,15 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import operator
 import os
-import shutil
-import tempfile
 from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +52,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..compat import dataset_fingerprint
+from ..io import atomic_directory, remove_directory
 from .data import (
     IMAGE_COLUMN,
     PROMPT_COLUMN,
     VIDEO_COLUMN,
-    Resolution,
     _as_hw,
     _media_column,
     _pixels,
 )
 
-__all__ = ["CachedDataset", "EmbeddingCache", "build_cache", "cache_fingerprint"]
+__all__ = ["CacheSettings", "CachedDataset", "EmbeddingCache", "build_cache", "cache_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,52 +91,77 @@ def _jsonable(value: Any, where: str) -> Any:
     )
 
 
-def _fingerprint_inputs(
-    dataset: datasets.Dataset,
-    fingerprint_parts: Mapping[str, Any],
-    *,
-    resolution: Resolution | None,
-    num_frames: int | None,
-    negative_prompt: str | None,
-    with_latents: bool,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CacheSettings:
+    """Everything besides the rows that the cached tensors depend on; every field goes into the
+    cache's fingerprint, so changing any of them gives a new cache.
+
+    ``model`` / ``revision`` / ``variant`` / ``family`` / ``dtype`` / ``max_sequence_length``
+    name the encoders and how they run; ``height`` / ``width`` / ``num_frames`` the media
+    preprocessing (``None`` when only prompts are cached); ``negative_prompt`` is encoded once
+    (``None``: none); ``needs_media``: the images / videos are encoded to latents too (then
+    ``build_cache`` needs ``encode_media``, and ``height`` and ``width``).
+
+    Example::
+
+        settings = CacheSettings(model="stabilityai/stable-diffusion-3.5-medium", family="sd3",
+                                 height=1024, width=1024, max_sequence_length=256,
+                                 dtype="torch.bfloat16", needs_media=True)
+    """
+
+    model: str
+    revision: str | None = None
+    variant: str | None = None
+    family: str | None = None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    max_sequence_length: int | None = None
+    dtype: str | torch.dtype | None = None
+    negative_prompt: str | None = ""
+    needs_media: bool = False
+
+    def __post_init__(self) -> None:
+        self.fingerprint_parts()  # refuse values that cannot be fingerprinted, here
+        if (self.height is None) != (self.width is None):
+            raise ValueError(
+                f"height and width are given together or not at all, got height={self.height} "
+                f"and width={self.width}"
+            )
+        if self.height is not None:
+            _as_hw((self.height, self.width))
+        if self.needs_media and self.height is None:
+            raise ValueError(
+                "resolution (height and width) is required to encode images or videos "
+                "(needs_media=True), got None"
+            )
+
+    @property
+    def resolution(self) -> tuple[int, int] | None:
+        """``(height, width)`` the media are preprocessed to, or ``None``."""
+        return None if self.height is None else (self.height, self.width)
+
+    def fingerprint_parts(self) -> dict[str, Any]:
+        """The fields as JSON values (dtypes and paths as strings)."""
+        return _jsonable(dataclasses.asdict(self), "fingerprint_parts")
+
+
+def _fingerprint_inputs(dataset: datasets.Dataset, settings: CacheSettings) -> dict[str, Any]:
+    if not isinstance(settings, CacheSettings):
+        raise TypeError(f"settings must be a CacheSettings, got {type(settings).__name__}")
     return {
         "format": CACHE_FORMAT_VERSION,
-        "dataset": dataset._fingerprint,
+        "dataset": dataset_fingerprint(dataset),
         "num_rows": len(dataset),
-        "parts": _jsonable(dict(fingerprint_parts), "fingerprint_parts"),
-        "resolution": None if resolution is None else list(_as_hw(resolution)),
-        "num_frames": num_frames,
-        "negative_prompt": negative_prompt,
-        "latents": with_latents,
+        "settings": settings.fingerprint_parts(),
     }
 
 
-def cache_fingerprint(
-    dataset: datasets.Dataset,
-    fingerprint_parts: Mapping[str, Any],
-    *,
-    resolution: Resolution | None = None,
-    num_frames: int | None = None,
-    negative_prompt: str | None = "",
-    with_latents: bool = False,
-) -> str:
-    """sha256 (hex) of everything a cache's content depends on.
-
-    ``fingerprint_parts`` holds what only the caller knows (model id, revision, variant, family,
-    dtype, max sequence length, ...); the dataset's own ``_fingerprint`` (which follows its files
-    and selections), resolution, frames, negative prompt and whether latents are cached are added
-    here.
+def cache_fingerprint(dataset: datasets.Dataset, settings: CacheSettings) -> str:
+    """sha256 (hex) of everything a cache's content depends on: every field of ``settings``,
+    the dataset's own fingerprint (which follows its files and selections) and its row count.
     """
-    inputs = _fingerprint_inputs(
-        dataset,
-        fingerprint_parts,
-        resolution=resolution,
-        num_frames=num_frames,
-        negative_prompt=negative_prompt,
-        with_latents=with_latents,
-    )
-    return _hash(inputs)
+    return _hash(_fingerprint_inputs(dataset, settings))
 
 
 def _hash(inputs: Mapping[str, Any]) -> str:
@@ -206,13 +235,11 @@ class EmbeddingCache:
     def build(
         self,
         dataset: datasets.Dataset,
+        settings: CacheSettings,
         *,
         encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
         encode_media: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        negative_prompt: str | None = "",
         batch_size: int = 8,
-        resolution: Resolution | None = None,
-        num_frames: int | None = None,
         samples_per_shard: int = 1024,
         inputs: Mapping[str, Any] | None = None,
     ) -> CachedDataset:
@@ -223,33 +250,24 @@ class EmbeddingCache:
                 f"{samples_per_shard}"
             )
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.fingerprint[:16]}-", dir=self.root))
-        try:
+        # Renamed into place only when whole; another process finishing the same cache first
+        # wins (its content is the same).
+        with atomic_directory(self.path, overwrite=False) as tmp:
             self._write(
                 tmp,
                 dataset,
                 encode_prompts=encode_prompts,
-                encode_media=encode_media,
-                negative_prompt=negative_prompt,
+                encode_media=encode_media if settings.needs_media else None,
+                negative_prompt=settings.negative_prompt,
                 batch_size=batch_size,
-                resolution=resolution,
-                num_frames=num_frames,
+                resolution=settings.resolution,
+                num_frames=settings.num_frames,
                 samples_per_shard=samples_per_shard,
                 inputs=inputs,
             )
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if self.path.is_dir() and not self.exists():
-            # Not written by `build` (which renames only whole caches): stale, replace it.
-            shutil.rmtree(self.path, ignore_errors=True)
-        try:
-            os.rename(tmp, self.path)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not self.exists():
-                raise
-            # Another process finished the same cache first; its content is the same.
+            if self.path.is_dir() and not self.exists():
+                # Not written by `build` (which renames only whole caches): stale, replace it.
+                remove_directory(self.path)
         return self.load()
 
     def _write(
@@ -261,7 +279,7 @@ class EmbeddingCache:
         encode_media: Callable[[torch.Tensor], torch.Tensor] | None,
         negative_prompt: str | None,
         batch_size: int,
-        resolution: Resolution | None,
+        resolution: tuple[int, int] | None,
         num_frames: int | None,
         samples_per_shard: int,
         inputs: Mapping[str, Any] | None,
@@ -431,33 +449,33 @@ class CachedDataset(torch.utils.data.Dataset):
 
 def build_cache(
     dataset: datasets.Dataset,
+    settings: CacheSettings,
     *,
     cache_dir: str | os.PathLike,
-    fingerprint_parts: Mapping[str, Any],
     encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
     encode_media: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    negative_prompt: str | None = "",
     batch_size: int = 8,
-    resolution: Resolution | None = None,
-    num_frames: int | None = None,
     samples_per_shard: int = 1024,
 ) -> CachedDataset:
     """Encode every sample of ``dataset`` once and cache the results on disk.
 
     ``encode_prompts(prompts)`` returns a dict of tensors with the batch as first dim (e.g.
     ``{"encoder_hidden_states": [B, L, D], "pooled_projections": [B, P]}``), the same keys and
-    per-sample shapes for every batch. ``encode_media(pixels)`` maps ``[B, 3, H, W]`` images
-    (``[B, 3, F, H, W]`` videos) in [-1, 1], preprocessed to ``resolution`` and ``num_frames``,
-    to the latents the networks train on (normalised as the family's VAE needs); leave it
-    ``None`` to cache prompts only. Both run under ``torch.no_grad``; moving inputs to the
-    encoders' device and dtype is theirs to do. The negative prompt (``None``: none) is encoded
-    once into :attr:`CachedDataset.negative`.
+    per-sample shapes for every batch. ``encode_media(pixels)`` (given exactly when
+    ``settings.needs_media``) maps ``[B, 3, H, W]`` images (``[B, 3, F, H, W]`` videos) in
+    [-1, 1], preprocessed to ``settings.height`` x ``settings.width`` and
+    ``settings.num_frames``, to the latents the networks train on (normalised as the family's
+    VAE needs). Both run under ``torch.no_grad``; moving inputs to the encoders' device and dtype
+    is theirs to do. ``settings.negative_prompt`` (``None``: none) is encoded once into
+    :attr:`CachedDataset.negative`.
 
-    The cache lives in ``cache_dir/<fingerprint>/`` (:func:`cache_fingerprint` of
-    ``fingerprint_parts`` and the other inputs). When it is already there the encoders are not
-    called. Under several processes, let one build it first (``accelerator.main_process_first()``);
-    concurrent builds are safe but repeat the work.
+    The cache lives in ``cache_dir/<fingerprint>/`` (:func:`cache_fingerprint` of ``dataset``
+    and ``settings``). When it is already there the encoders are not called. Under several
+    processes, let one build it first (``accelerator.main_process_first()``); concurrent builds
+    are safe but repeat the work.
     """
+    if not isinstance(settings, CacheSettings):
+        raise TypeError(f"settings must be a CacheSettings, got {type(settings).__name__}")
     if PROMPT_COLUMN not in dataset.column_names:
         raise ValueError(
             f"the dataset has no {PROMPT_COLUMN!r} column (columns: {dataset.column_names}): "
@@ -465,37 +483,28 @@ def build_cache(
         )
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: nothing to cache")
-    media = _media_column(dataset)
-    if encode_media is not None:
-        if media is None:
-            raise ValueError(
-                f"encode_media was given but the dataset has no {IMAGE_COLUMN!r} or "
-                f"{VIDEO_COLUMN!r} column (columns: {dataset.column_names})"
-            )
-        if resolution is None:
-            raise ValueError("resolution is required to encode images or videos, got None")
-    if resolution is not None:
-        _as_hw(resolution)
-    inputs = _fingerprint_inputs(
-        dataset,
-        fingerprint_parts,
-        resolution=resolution,
-        num_frames=num_frames,
-        negative_prompt=negative_prompt,
-        with_latents=encode_media is not None,
-    )
+    if settings.needs_media != (encode_media is not None):
+        raise ValueError(
+            f"settings.needs_media is {settings.needs_media} but encode_media is "
+            f"{'given' if encode_media is not None else 'None'}: give encode_media exactly when "
+            "the media are cached as latents"
+        )
+    if encode_media is not None and _media_column(dataset) is None:
+        raise ValueError(
+            f"encode_media was given but the dataset has no {IMAGE_COLUMN!r} or "
+            f"{VIDEO_COLUMN!r} column (columns: {dataset.column_names})"
+        )
+    inputs = _fingerprint_inputs(dataset, settings)
     cache = EmbeddingCache(cache_dir, _hash(inputs))
     if cache.exists():
         logger.info("Reusing the embedding cache %s", cache.path)
         return cache.load()
     return cache.build(
         dataset,
+        settings,
         encode_prompts=encode_prompts,
         encode_media=encode_media,
-        negative_prompt=negative_prompt,
         batch_size=batch_size,
-        resolution=resolution,
-        num_frames=num_frames,
         samples_per_shard=samples_per_shard,
         inputs=inputs,
     )

@@ -2,7 +2,9 @@
 
 A checkpoint is written to ``<output_dir>/.checkpoint-<step>.tmp``, completed with a
 ``COMPLETE`` marker and only then renamed to ``checkpoint-<step>``: a run killed mid-save leaves
-a ``.tmp`` folder that ``latest`` never picks (and the next save clears).
+a ``.tmp`` folder that ``latest`` never picks (and the next save clears). A checkpoint being
+replaced or rotated out is first renamed out of the ``checkpoint-<step>`` names, so ``latest``
+never sees one half-deleted.
 
 Example::
 
@@ -21,6 +23,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+
+from ..io import commit_directory, remove_directory
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -70,7 +74,7 @@ def save_checkpoint(
     final = root / f"checkpoint-{step}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     for name, obj in (per_rank_state or {}).items():
@@ -83,12 +87,10 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        commit_directory(tmp, final)  # a same-step checkpoint is swapped out whole
         if total_limit is not None:
             for _, old in complete_checkpoints(root)[:-total_limit]:
-                shutil.rmtree(old)
+                remove_directory(old)
     accelerator.wait_for_everyone()
     return final
 

@@ -14,10 +14,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +22,10 @@ import torch
 from torch import nn
 
 from ..ema import ExponentialMovingAverage, ema_weights
+from ..io import atomic_directory, write_json_atomic
 from ..lora import AdapterRole, save_student_lora
 
 __all__ = ["export_student", "write_json_atomic"]
-
-
-def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=".tmp-", suffix=".json", delete=False
-    ) as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        tmp = f.name
-    os.replace(tmp, path)
-    return path
 
 
 def _unsharded_copy(transformer: nn.Module, prefix: str, gathered: dict[str, torch.Tensor]):
@@ -63,14 +49,8 @@ def _save_transformer(
         prefix = "transformer." if transformer is not model else ""
         transformer = _unsharded_copy(transformer, prefix, gathered)
     final = output_dir / "transformer"
-    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".tmp-transformer-"))
-    try:
+    with atomic_directory(final) as tmp:  # an existing transformer/ is swapped out whole
         transformer.save_pretrained(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

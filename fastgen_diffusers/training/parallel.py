@@ -43,6 +43,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
+from ..compat import accelerator_models_and_optimizers
 from ..factory import load_from_rank0
 from ..lora import AdapterRole, DMDNetworks
 
@@ -276,8 +277,9 @@ def _prepare_fsdp2(accelerator, nets, networks, make_optimizer, make_scheduler) 
         # shard (a 1-element bias on rank 1) shares: the parameters are already the right ones.
         for group, params in zip(opt.param_groups, groups):
             group["params"] = params
-        if len(accelerator._models) < len(accelerator._optimizers):
-            accelerator._models.append(base)  # accelerate drops a repeat of the last model
+        models, optimizers = accelerator_models_and_optimizers(accelerator)
+        if len(models) < len(optimizers):
+            models.append(base)  # accelerate drops a repeat of the last model
     return PreparedNetworks(
         student=nets.student,
         fake_score=nets.fake_score,

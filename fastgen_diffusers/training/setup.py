@@ -30,7 +30,7 @@ from ..loader import load_dmd_config
 from ..lora import AdapterRole, LoraSettings, build_dmd_networks, enable_gradient_checkpointing
 from ..methods import DMDPipeline
 from .args import TrainingArguments
-from .cache import build_cache
+from .cache import CacheSettings, build_cache
 from .checkpointing import checkpoint_step, load_per_rank_state, resolve_resume
 from .data import load_training_dataset
 from .data_order import ResumableRandomSampler
@@ -152,17 +152,19 @@ def cache_data(run: Run, teacher: Teacher) -> TrainingData:
             "images (--image_column) or videos (--video_column), or change the recipe"
         )
     height, width = args.size
-    fingerprint = {
-        "model": args.pretrained_model_name_or_path,
-        "revision": args.revision,
-        "variant": args.variant,
-        "family": family.name,
-        "height": height,
-        "width": width,
-        "num_frames": args.num_frames,
-        "max_sequence_length": args.max_sequence_length,
-        "dtype": str(run.weight_dtype),
-    }
+    settings = CacheSettings(
+        model=args.pretrained_model_name_or_path,
+        revision=args.revision,
+        variant=args.variant,
+        family=family.name,
+        height=height,
+        width=width,
+        num_frames=args.num_frames,
+        max_sequence_length=args.max_sequence_length,
+        dtype=str(run.weight_dtype),
+        negative_prompt=args.negative_prompt,
+        needs_media=needs_media,
+    )
 
     def encode_prompts(prompts: list[str]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -177,14 +179,11 @@ def cache_data(run: Run, teacher: Teacher) -> TrainingData:
     with run.accelerator.main_process_first():
         samples = build_cache(
             dataset,
+            settings,
             cache_dir=cache_dir,
-            fingerprint_parts=fingerprint,
             encode_prompts=encode_prompts,
             encode_media=encode_media if needs_media else None,
-            negative_prompt=args.negative_prompt,
             batch_size=max(args.train_batch_size, 4),
-            resolution=(height, width),
-            num_frames=args.num_frames,
         )
         prompts = args.validation_prompts or []
         validation_cond = encode_prompts(prompts) if prompts else None
