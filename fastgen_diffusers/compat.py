@@ -92,7 +92,7 @@ def dataset_fingerprint(dataset: Any) -> str:
 # -- peft -----------------------------------------------------------------------------------------
 
 
-def set_peft_layer_adapter(layer: nn.Module, adapter: str | None) -> None:
+def set_peft_layer_adapter(layer: Any, adapter: str | None) -> None:
     """Run the peft tuner ``layer`` with ``adapter`` only (``None``: adapters off, the active
     adapter kept for later). Unlike peft's ``set_adapter`` / ``enable_adapters`` it leaves
     ``requires_grad`` untouched: autograd drops the gradient of a parameter switched off between
@@ -108,7 +108,7 @@ def set_peft_layer_adapter(layer: nn.Module, adapter: str | None) -> None:
         layer._active_adapter = [adapter]
 
 
-def enable_peft_layer_adapters(layer: nn.Module) -> None:
+def enable_peft_layer_adapters(layer: Any) -> None:
     """Turn the peft tuner ``layer``'s adapters back on, the active adapter unchanged and
     ``requires_grad`` untouched.
 
