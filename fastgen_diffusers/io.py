@@ -101,6 +101,7 @@ def atomic_file(
         raise ValueError(f"atomic_file mode must be 'w' or 'wb', got {mode!r}")
     with atomic_path(path) as tmp:
         # "x": the temporary is new (never someone else's file) and gets umask permissions.
+        f: IO[Any]
         if mode == "wb":
             f = open(tmp, "xb")
         else:
