@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--flux_guidance",
         type=float,
-        default=3.5,
-        help="Flux-dev only: the embedded guidance value the student learns at.",
+        default=None,
+        help="Flux-dev only: the embedded guidance value the student learns at "
+        "(default: FluxPipeline's 3.5).",
     )
     model.add_argument(
         "--max_sequence_length",

@@ -139,7 +139,10 @@ def train(args: argparse.Namespace) -> Path:
     t_list = _student_t_list(cfg)
 
     # -- 2. teacher pipeline ----------------------------------------------------------------------
-    family = family_from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
+    # --flux_guidance is None unless given: a value for a family without it is an error.
+    family = family_from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, guidance=args.flux_guidance
+    )
     pipe = load_pipeline(
         accelerator,
         family,
@@ -213,7 +216,7 @@ def train(args: argparse.Namespace) -> Path:
     negative = _to(train_data.negative, device)
 
     # -- 4. networks ----------------------------------------------------------------------------
-    teacher = family.wrap(pipe.transformer, flux_guidance=args.flux_guidance)
+    teacher = family.wrap(pipe.transformer)
     teacher.requires_grad_(False)
     layout = args.lora_layout if args.use_lora else "full"
     lora = LoraSettings(
@@ -333,9 +336,8 @@ def train(args: argparse.Namespace) -> Path:
             prepared.reshard()  # before the live weights go back into the shards
         grids = {"student": latents}
         if teacher_grid:  # once, at the start: the reference the student is distilled from
-            seq_len = math.prod(latent_shape[-2:]) // 4
-            sigmas = validation.teacher_sigmas(
-                pipe.scheduler, args.teacher_validation_steps, seq_len
+            sigmas = family.teacher_sigmas(
+                pipe.scheduler, args.teacher_validation_steps, latent_shape
             )
             grids["teacher"] = validation.sample_images(
                 prepared.teacher,
@@ -511,7 +513,7 @@ def train(args: argparse.Namespace) -> Path:
         write_model_card(
             output_dir,
             base_model=args.pretrained_model_name_or_path,
-            family=family.name,
+            family=family,
             recipe_name=args.recipe,
             recipe=cfg,
             t_list=t_list,
@@ -519,7 +521,7 @@ def train(args: argparse.Namespace) -> Path:
             lora=isinstance(final_student, AdapterRole),
             pipeline_class_name=family.pipeline_class.__name__,
             repo_id=args.hub_model_id,
-            pipeline_kwargs=family.stock_pipeline_kwargs(t_list, flux_guidance=args.flux_guidance),
+            pipeline_kwargs=family.stock_pipeline_kwargs(t_list),
             validation_images=[
                 (str(p.relative_to(output_dir)), prompt_text)
                 for p in sorted(validation_dir.glob("student-*.png"))
