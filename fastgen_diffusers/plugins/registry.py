@@ -55,12 +55,13 @@ def register_family(cls: F) -> F:
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(cls.__abstractmethods__))
         raise TypeError(f"{cls.__name__} does not implement the Family contract: {missing}")
-    for name in (cls.name, *cls.aliases):
+    names = (cls.name, *cls.aliases)
+    for name in names:
         taken = _REGISTRY.get(name)
         # The same class again (a module re-import) replaces itself.
         if taken is not None and taken.__qualname__ != cls.__qualname__:
             raise ValueError(f"model family {name!r} is already registered by {taken.__name__}")
-        _REGISTRY[name] = cls
+    _REGISTRY.update(dict.fromkeys(names, cls))
     return cls
 
 
