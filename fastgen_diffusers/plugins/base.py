@@ -34,6 +34,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -51,12 +52,29 @@ __all__ = ["Family"]
 
 # Pixels outside [-1, 1] by more than this are a caller error (e.g. [0, 255] images).
 _PIXEL_TOLERANCE = 1e-3
+# Contract members a family class leaves undefined are taken from the plugin module that
+# defines it (member -> module function): the plugin's free functions are the implementation.
+PLUGIN_FUNCTIONS: dict[str, str] = {
+    "normalize_latents": "normalize_latents",
+    "denormalize_latents": "denormalize_latents",
+    "attach_feature_capture": "attach_feature_capture",
+    "student_scheduler_config": "student_scheduler_config",
+    "stock_pipeline_kwargs": "stock_pipeline_kwargs",
+    "_discriminator": "build_discriminator",
+    "_latent_shape": "latent_shape",
+}
 
 
 class Family(ABC):
     """What the training machinery needs from a model family; one subclass per family, in the
     family's plugin module, registered with
     :func:`~fastgen_diffusers.plugins.registry.register_family`.
+
+    A subclass defined in a plugin module takes the contract members it does not define from
+    that module's functions of the same role (:data:`PLUGIN_FUNCTIONS`: ``normalize_latents``,
+    ``denormalize_latents``, ``attach_feature_capture``, ``build_discriminator``,
+    ``latent_shape``, ``student_scheduler_config``, ``stock_pipeline_kwargs``), so the module's
+    public functions and the family's methods are one implementation.
 
     Example (the layout of :mod:`fastgen_diffusers.plugins.sd3`)::
 
@@ -70,17 +88,8 @@ class Family(ABC):
             lora_target_modules = ("attn.to_q", ...)
             lora_loader_class = SD3LoraLoaderMixin
 
-            # the plugin's free functions behind the shared methods
-            normalize_latents = staticmethod(normalize_latents)
-            denormalize_latents = staticmethod(denormalize_latents)
-            attach_feature_capture = staticmethod(attach_feature_capture)
-            student_scheduler_config = staticmethod(student_scheduler_config)
-            _discriminator = staticmethod(build_discriminator)
-
             def wrap(self, transformer): return SD3Wrapper(transformer)
-            def encode_prompts(self, pipe, prompts, *, max_sequence_length=None): ...
-            def latent_shape(self, pipe, height, width, num_frames=None): ...
-            def stock_pipeline_kwargs(self, t_list): ...
+            def _encode_prompts(self, pipe, prompts, max_sequence_length): ...
 
     Attributes:
         name: the plugin's module name (``"sd3"``, ``"flux"``, ``"wan"``, ``"qwen_image"``).
@@ -121,6 +130,17 @@ class Family(ABC):
     video_fps: ClassVar[int | None] = None
     # Image families whose VAE is a video VAE (Qwen-Image) see an image as one frame.
     _vae_frame_axis: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        module = sys.modules.get(cls.__module__)
+        for member, function in PLUGIN_FUNCTIONS.items():
+            implementation = getattr(module, function, None)
+            # Only members still abstract: a method the class (or a parent) defines wins.
+            if callable(implementation) and getattr(
+                getattr(cls, member), "__isabstractmethod__", False
+            ):
+                setattr(cls, member, staticmethod(implementation))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -167,7 +187,7 @@ class Family(ABC):
 
     # -- prompts ---------------------------------------------------------------------------------
 
-    @abstractmethod
+    @torch.no_grad()
     def encode_prompts(
         self,
         pipe: DiffusionPipeline,
@@ -177,7 +197,17 @@ class Family(ABC):
     ) -> dict[str, torch.Tensor]:
         """Conditioning for ``prompts`` through the pipeline's own text encoders: per-sample
         tensors, batch first, keyed by the wrapper's ``forward`` argument names. The negative
-        prompt goes through the same call (as a one-element list) and gets the same keys."""
+        prompt goes through the same call (as a one-element list) and gets the same keys.
+        ``max_sequence_length=None`` is :attr:`default_max_sequence_length`."""
+        checked = self._check_prompts(prompts)
+        return self._encode_prompts(pipe, checked, self._max_length(max_sequence_length))
+
+    @abstractmethod
+    def _encode_prompts(
+        self, pipe: DiffusionPipeline, prompts: list[str], max_sequence_length: int
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`encode_prompts` after its checks: ``prompts`` a non-empty list of strings,
+        ``max_sequence_length`` a positive int."""
 
     def _max_length(self, max_sequence_length: int | None) -> int:
         if max_sequence_length is None:
@@ -231,12 +261,21 @@ class Family(ABC):
             images = images[:, :, 0]
         return self._postprocess_images(pipe, images)
 
-    @abstractmethod
     def latent_shape(
         self, pipe: DiffusionPipeline, height: int, width: int, num_frames: int | None = None
     ) -> tuple[int, ...]:
         """Per-sample latent shape (no batch axis) for media of ``height x width`` pixels
-        (and ``num_frames`` frames for video)."""
+        (and ``num_frames`` frames for video, :attr:`default_num_frames` when ``None``)."""
+        if not self.is_video:
+            self._check_image_frames(num_frames)
+            return tuple(self._latent_shape(pipe, height, width)[1:])
+        frames = self.default_num_frames if num_frames is None else int(num_frames)
+        return tuple(self._latent_shape(pipe, height, width, frames)[1:])
+
+    @staticmethod
+    @abstractmethod
+    def _latent_shape(pipe: DiffusionPipeline, height: int, width: int, *frames: int) -> tuple:
+        """The plugin's latent shape with the batch axis first (``frames``: video only)."""
 
     def _vae_mode(
         self, pipe: DiffusionPipeline, pixels: torch.Tensor, *, frame_axis: bool = False

@@ -616,12 +616,7 @@ class FluxFamily(Family):
     }
     default_guidance = DEFAULT_GUIDANCE
 
-    # This module's functions behind the shared methods of Family.
-    normalize_latents = staticmethod(normalize_latents)
-    denormalize_latents = staticmethod(denormalize_latents)
-    attach_feature_capture = staticmethod(attach_feature_capture)
-    student_scheduler_config = staticmethod(student_scheduler_config)
-    _discriminator = staticmethod(build_discriminator)
+    # The other contract members are this module's functions (Family.__init_subclass__).
 
     def __init__(self, guidance: float | None = None) -> None:
         if guidance is not None:
@@ -642,19 +637,10 @@ class FluxFamily(Family):
         guidance = self.default_guidance if self.guidance is None else self.guidance
         return FluxWrapper(transformer, guidance_scale=guidance)
 
-    @torch.no_grad()
-    def encode_prompts(
-        self,
-        pipe: Any,
-        prompts: Sequence[str],
-        *,
-        max_sequence_length: int | None = None,
+    def _encode_prompts(
+        self, pipe: Any, prompts: list[str], max_sequence_length: int
     ) -> dict[str, torch.Tensor]:
-        emb = encode_prompt(
-            pipe,
-            self._check_prompts(prompts),
-            max_sequence_length=self._max_length(max_sequence_length),
-        )
+        emb = encode_prompt(pipe, prompts, max_sequence_length=max_sequence_length)
         return {
             "encoder_hidden_states": emb["encoder_hidden_states"],
             "pooled_projections": emb["pooled_projections"],
@@ -663,7 +649,6 @@ class FluxFamily(Family):
     def latent_shape(
         self, pipe: Any, height: int, width: int, num_frames: int | None = None
     ) -> tuple[int, ...]:
-        self._check_image_frames(num_frames)
         # FluxPipeline silently rounds other sizes down; a cache at a rounded size would not
         # match the requested resolution.
         multiple = 2 * int(pipe.vae_scale_factor)
@@ -672,7 +657,7 @@ class FluxFamily(Family):
                 f"height and width must be multiples of {multiple} (2 x vae_scale_factor), got "
                 f"{height} and {width}"
             )
-        return latent_shape(pipe, height, width)[1:]
+        return super().latent_shape(pipe, height, width, num_frames)
 
     def stock_pipeline_kwargs(self, t_list: Sequence[float]) -> dict[str, Any]:
         return stock_pipeline_kwargs(t_list, guidance_scale=self.guidance)

@@ -660,43 +660,24 @@ class QwenImageFamily(Family):
     # The Qwen-Image VAE is a causal video VAE: an image is one frame, [B, 3, 1, H, W].
     _vae_frame_axis = True
 
-    # This module's functions behind the shared methods of Family.
-    normalize_latents = staticmethod(normalize_latents)
-    denormalize_latents = staticmethod(denormalize_latents)
-    attach_feature_capture = staticmethod(attach_feature_capture)
-    student_scheduler_config = staticmethod(student_scheduler_config)
-    _discriminator = staticmethod(build_discriminator)
+    # The other contract members are this module's functions (Family.__init_subclass__).
 
     def wrap(self, transformer: nn.Module) -> QwenImageWrapper:
         return QwenImageWrapper(transformer)
 
-    @torch.no_grad()
-    def encode_prompts(
-        self,
-        pipe: Any,
-        prompts: Sequence[str],
-        *,
-        max_sequence_length: int | None = None,
+    def _encode_prompts(
+        self, pipe: Any, prompts: list[str], max_sequence_length: int
     ) -> dict[str, torch.Tensor]:
-        length = self._max_length(max_sequence_length)
+        length = max_sequence_length
         if length > self.max_sequence_length_limit:
             raise ValueError(
                 f"max_sequence_length={length} exceeds QwenImagePipeline's limit of "
                 f"{self.max_sequence_length_limit}"
             )
-        emb = encode_prompt(pipe, self._check_prompts(prompts), max_sequence_length=length)
+        emb = encode_prompt(pipe, prompts, max_sequence_length=length)
         # The pipeline pads to the longest prompt of the call; padding every call to one length
         # (masked, so the model output is unchanged) lets samples of any batches collate.
         embeds, mask = pad_prompt_embeds(
             emb["encoder_hidden_states"], emb["encoder_hidden_states_mask"], length
         )
         return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
-
-    def latent_shape(
-        self, pipe: Any, height: int, width: int, num_frames: int | None = None
-    ) -> tuple[int, ...]:
-        self._check_image_frames(num_frames)
-        return latent_shape(pipe, height, width)[1:]
-
-    def stock_pipeline_kwargs(self, t_list: Sequence[float]) -> dict[str, Any]:
-        return stock_pipeline_kwargs(t_list)

@@ -464,41 +464,18 @@ class SD3Family(Family):
     lora_loader_class = SD3LoraLoaderMixin
     pipeline_tag = "text-to-image"
 
-    # This module's functions behind the shared methods of Family.
-    normalize_latents = staticmethod(normalize_latents)
-    denormalize_latents = staticmethod(denormalize_latents)
-    attach_feature_capture = staticmethod(attach_feature_capture)
-    student_scheduler_config = staticmethod(student_scheduler_config)
-    _discriminator = staticmethod(build_discriminator)
+    # The other contract members are this module's functions (Family.__init_subclass__).
 
     def wrap(self, transformer: nn.Module) -> SD3Wrapper:
         return SD3Wrapper(transformer)
 
-    @torch.no_grad()
-    def encode_prompts(
-        self,
-        pipe: Any,
-        prompts: Sequence[str],
-        *,
-        max_sequence_length: int | None = None,
+    def _encode_prompts(
+        self, pipe: Any, prompts: list[str], max_sequence_length: int
     ) -> dict[str, torch.Tensor]:
         # encode_prompt also encodes the pipeline's default negative (""); only the prompts'
         # part is kept, so positive and negative prompts come out of one code path.
-        emb = encode_prompt(
-            pipe,
-            self._check_prompts(prompts),
-            max_sequence_length=self._max_length(max_sequence_length),
-        )
+        emb = encode_prompt(pipe, prompts, max_sequence_length=max_sequence_length)
         return {
             "encoder_hidden_states": emb["prompt_embeds"],
             "pooled_projections": emb["pooled_prompt_embeds"],
         }
-
-    def latent_shape(
-        self, pipe: Any, height: int, width: int, num_frames: int | None = None
-    ) -> tuple[int, ...]:
-        self._check_image_frames(num_frames)
-        return latent_shape(pipe, height, width)[1:]
-
-    def stock_pipeline_kwargs(self, t_list: Sequence[float]) -> dict[str, Any]:
-        return stock_pipeline_kwargs(t_list)

@@ -876,11 +876,7 @@ class WanFamily(Family):
     pipeline_tag = "text-to-video"
     video_fps = 16  # the frame rate Wan is trained at (WanPipeline's examples)
 
-    # This module's functions behind the shared methods of Family.
-    normalize_latents = staticmethod(normalize_latents)
-    denormalize_latents = staticmethod(denormalize_latents)
-    attach_feature_capture = staticmethod(attach_feature_capture)
-    _discriminator = staticmethod(build_discriminator)
+    # The other contract members are this module's functions (Family.__init_subclass__).
 
     def __init__(self, expand_timesteps: bool = False) -> None:
         self.expand_timesteps = bool(expand_timesteps)
@@ -897,18 +893,10 @@ class WanFamily(Family):
             )
         return {"expand_timesteps": bool(index.get("expand_timesteps", False))}
 
-    def load_pipeline(
-        self,
-        path: str | os.PathLike,
-        *,
-        revision: str | None = None,
-        variant: str | None = None,
-        torch_dtype: torch.dtype = torch.float32,
-        **components: Any,
-    ) -> Any:
-        pipe = super().load_pipeline(
-            path, revision=revision, variant=variant, torch_dtype=torch_dtype, **components
-        )
+    def load_pipeline(self, path: str | os.PathLike, **kwargs: Any) -> Any:
+        """:meth:`Family.load_pipeline`, refusing a checkpoint whose ``expand_timesteps``
+        differs from this family's."""
+        pipe = super().load_pipeline(path, **kwargs)
         loaded = bool(getattr(pipe.config, "expand_timesteps", False))
         if loaded != self.expand_timesteps:
             raise ValueError(
@@ -923,20 +911,11 @@ class WanFamily(Family):
     def default_size(self, pipe: Any) -> tuple[int, int]:
         return 480, 832  # WanPipeline.__call__'s defaults
 
-    @torch.no_grad()
-    def encode_prompts(
-        self,
-        pipe: Any,
-        prompts: Sequence[str],
-        *,
-        max_sequence_length: int | None = None,
+    def _encode_prompts(
+        self, pipe: Any, prompts: list[str], max_sequence_length: int
     ) -> dict[str, torch.Tensor]:
         # encode_prompt also encodes the default negative; only the prompts are kept.
-        emb = encode_prompt(
-            pipe,
-            self._check_prompts(prompts),
-            max_sequence_length=self._max_length(max_sequence_length),
-        )
+        emb = encode_prompt(pipe, prompts, max_sequence_length=max_sequence_length)
         return {"encoder_hidden_states": emb["prompt_embeds"]}
 
     @torch.no_grad()
@@ -947,12 +926,6 @@ class WanFamily(Family):
         frames = pipe.video_processor.postprocess_video(video, output_type="pt")
         return frames.permute(0, 2, 1, 3, 4)
 
-    def latent_shape(
-        self, pipe: Any, height: int, width: int, num_frames: int | None = None
-    ) -> tuple[int, ...]:
-        frames = self.default_num_frames if num_frames is None else int(num_frames)
-        return latent_shape(pipe, height, width, frames)[1:]
-
     def teacher_sigmas(
         self, scheduler: Any, num_steps: int, latent_shape: Sequence[int]
     ) -> list[float]:
@@ -962,17 +935,6 @@ class WanFamily(Family):
             shift = config.get("flow_shift") or config.get("shift") or 1.0
             scheduler = FlowMatchEulerDiscreteScheduler(shift=float(shift))
         return super().teacher_sigmas(scheduler, num_steps, latent_shape)
-
-    def student_scheduler_config(
-        self,
-        t_list: Sequence[float],
-        sample_type: str = "ode",
-        base_config: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        return student_scheduler_config(t_list, sample_type, base_config)
-
-    def stock_pipeline_kwargs(self, t_list: Sequence[float]) -> dict[str, Any]:
-        return stock_pipeline_kwargs(t_list)
 
     def card_notes(self, *, base_model: str, lora: bool) -> str:
         return (
