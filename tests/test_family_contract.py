@@ -54,6 +54,8 @@ def test_the_builtin_families_are_registered():
     assert type(get_family("wan22")) is registered_families()["wan"]
     with pytest.raises(ValueError, match="family='sdxl'"):
         get_family("sdxl")
+    with pytest.raises(TypeError, match="family name"):
+        get_family(3)
 
 
 @pytest.mark.parametrize("name", sorted(SAVERS))

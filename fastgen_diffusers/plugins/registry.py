@@ -82,8 +82,10 @@ def registered_families() -> dict[str, type[Family]]:
 def get_family(name: str, **options: Any) -> Family:
     """The family called ``name`` (or one of its aliases), built with ``options`` (e.g.
     ``get_family("flux", guidance=4.0)``); ``None``-valued options are dropped."""
+    if not isinstance(name, str):
+        raise TypeError(f"family name must be a str, got {type(name).__name__}")
     _load_builtin()
-    cls = _REGISTRY.get(name) if isinstance(name, str) else None
+    cls = _REGISTRY.get(name)
     if cls is None:
         raise ValueError(
             f"family={name!r} is not a registered model family; expected one of "
