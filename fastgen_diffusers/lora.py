@@ -73,29 +73,6 @@ LAYOUTS = ("full", "student_lora", "separate_lora", "shared_lora")
 STUDENT_ADAPTER = "student"
 FAKE_SCORE_ADAPTER = "fake_score"
 
-# Attention projections and feed-forwards of each family's transformer blocks (the defaults of
-# the diffusers DreamBooth LoRA scripts, plus the feed-forwards).
-_ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
-_JOINT_ATTN = _ATTN + ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
-_DEFAULT_TARGETS: dict[str, list[str]] = {
-    "SD3Transformer2DModel": _JOINT_ATTN
-    + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
-    "FluxTransformer2DModel": _JOINT_ATTN
-    + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp"],
-    "WanTransformer3DModel": [
-        f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")
-    ]
-    + ["ffn.net.0.proj", "ffn.net.2"],
-    "QwenImageTransformer2DModel": _JOINT_ATTN
-    + ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"],
-}
-# diffusers' LoRA loader mixin per transformer class: writes the file its pipeline loads.
-_LORA_LOADERS = {
-    "SD3Transformer2DModel": "SD3LoraLoaderMixin",
-    "FluxTransformer2DModel": "FluxLoraLoaderMixin",
-    "WanTransformer3DModel": "WanLoraLoaderMixin",
-    "QwenImageTransformer2DModel": "QwenImageLoraLoaderMixin",
-}
 _STATE_ATTR = "_fastgen_adapter_state"
 
 
@@ -137,33 +114,41 @@ class LoraSettings:
         )
 
 
-def _class_name(module: nn.Module) -> str:
-    """The model's class name, seen through FSDP2's ``FSDP<Class>`` subclass."""
-    for cls in type(module).__mro__:
-        if cls.__name__ in _DEFAULT_TARGETS:
-            return cls.__name__
-    return type(module).__name__
+def _family_class(module: nn.Module) -> Any:
+    """The registered family whose transformer class ``module`` is an instance of (FSDP2's
+    ``FSDP<Class>`` subclass included), else ``None``."""
+    # Imported here: the family modules import diffusers, which only adapter users need.
+    from .plugins.registry import family_for_transformer
+
+    return family_for_transformer(type(module))
 
 
 def _adapted_model(model: nn.Module) -> nn.Module:
     """The innermost module holding the weights (the diffusers transformer inside a wrapper)."""
     modules = list(unwrap_module(model))
     for candidate in modules:
-        if _class_name(candidate) in _DEFAULT_TARGETS:
+        if _family_class(candidate) is not None:
             return candidate
     return modules[-1]
 
 
+def _unknown_family(message: str) -> ValueError:
+    from .plugins.registry import registered_families
+
+    known = sorted(cls.transformer_class.__name__ for cls in registered_families().values())
+    return ValueError(f"{message} (known families: {', '.join(known)})")
+
+
 def default_target_modules(model: nn.Module) -> list[str]:
-    """The family's default LoRA targets: attention projections and feed-forwards."""
+    """The family's default LoRA targets (``Family.lora_target_modules``): attention
+    projections and feed-forwards."""
     inner = _adapted_model(model)
-    try:
-        return list(_DEFAULT_TARGETS[_class_name(inner)])
-    except KeyError:
-        raise ValueError(
-            f"No default LoRA targets for {_class_name(inner)}; pass target_modules "
-            f"(known families: {', '.join(sorted(_DEFAULT_TARGETS))})"
-        ) from None
+    family = _family_class(inner)
+    if family is None:
+        raise _unknown_family(
+            f"No default LoRA targets for {type(inner).__name__}; pass target_modules"
+        )
+    return list(family.lora_target_modules)
 
 
 def _tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
@@ -458,16 +443,11 @@ def save_student_lora(
     name and renamed, so an interrupted save leaves no partial file. Returns the file's path.
     ``gathered``: see :func:`student_lora_state_dict`.
     """
-    import diffusers.loaders.lora_pipeline as lora_pipeline
-
     inner = _adapted_model(student.module)
-    loader_name = _LORA_LOADERS.get(_class_name(inner))
-    if loader_name is None:
-        raise ValueError(
-            f"No diffusers LoRA format for {_class_name(inner)} "
-            f"(supported: {', '.join(sorted(_LORA_LOADERS))})"
-        )
-    loader = getattr(lora_pipeline, loader_name)
+    family = _family_class(inner)
+    if family is None:
+        raise _unknown_family(f"No diffusers LoRA format for {type(inner).__name__}")
+    loader = family.lora_loader_class
     os.makedirs(save_directory, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-lora-") as tmp:
         loader.save_lora_weights(

@@ -291,15 +291,15 @@ def test_student_scheduler_makes_the_stock_pipeline_follow_t_list(saved, name):
 def test_flux_embedded_guidance(saved):
     family, pipe = _load(saved, "flux")
     assert family.wrap(pipe.transformer).guidance_scale == 3.5  # FluxPipeline's default
-    assert family.wrap(pipe.transformer, flux_guidance=4.0).guidance_scale == 4.0
-    assert family.stock_pipeline_kwargs([0.999, 0.0], flux_guidance=4.0)["guidance_scale"] == 4.0
+    assert FluxFamily(guidance=4.0).wrap(pipe.transformer).guidance_scale == 4.0
+    assert FluxFamily(guidance=4.0).stock_pipeline_kwargs([0.999, 0.0])["guidance_scale"] == 4.0
     schnell = FluxTransformer2DModel.from_config(
         {**pipe.transformer.config, "guidance_embeds": False}
     )
-    assert family.wrap(schnell, flux_guidance=4.0).guidance_scale is None
-    # Families without an embedded guidance ignore the value the loop passes to every family.
+    assert FluxFamily(guidance=4.0).wrap(schnell).guidance_scale is None
+    # Families without an embedded guidance take no guidance option.
     _, sd3_pipe = _load(saved, "sd3")
-    assert isinstance(SD3Family().wrap(sd3_pipe.transformer, flux_guidance=3.5), sd3.SD3Wrapper)
+    assert isinstance(SD3Family().wrap(sd3_pipe.transformer), sd3.SD3Wrapper)
 
 
 def test_latent_shapes(saved):

@@ -19,10 +19,12 @@ from ..features import FeatureCapture, unwrap_module
 from ..sampling import validate_t_list
 
 __all__ = [
+    "JOINT_ATTENTION_LORA_TARGETS",
     "TransformerWrapper",
     "cfg_get",
     "config_of",
     "find_transformer",
+    "flow_match_sigmas",
     "flow_match_student_config",
     "inner_dim",
     "latent_grid_hook",
@@ -30,6 +32,19 @@ __all__ = [
     "tokens_to_map",
     "validate_sample_type",
 ]
+
+# LoRA targets of the joint (image + text stream) attention of SD3, Flux and Qwen-Image blocks:
+# the diffusers DreamBooth LoRA scripts' defaults.
+JOINT_ATTENTION_LORA_TARGETS: tuple[str, ...] = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
 
 
 # -- the wrapper base ---------------------------------------------------------------------------
@@ -241,3 +256,25 @@ def scaled_initial_latents(noise: torch.Tensor, t_list: Sequence[float]) -> torc
     pipelines use given ``latents`` unscaled, so pass these (in the pipeline's layout)."""
     t_list = validate_t_list(t_list)
     return (noise.to(torch.float64) * t_list[0]).to(noise.dtype)
+
+
+def flow_match_sigmas(
+    scheduler_config: Mapping[str, Any], num_steps: int, image_seq_len: int
+) -> list[float]:
+    """The sigmas a ``FlowMatchEulerDiscreteScheduler`` built from ``scheduler_config`` visits
+    in ``num_steps`` steps (dynamic shifting resolved for ``image_seq_len`` tokens, as the
+    pipelines compute ``mu``), ending with 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = dict(scheduler_config)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    kwargs: dict[str, Any] = {}
+    if config.get("use_dynamic_shifting"):
+        base_len = config.get("base_image_seq_len", 256)
+        max_len = config.get("max_image_seq_len", 4096)
+        base_shift = config.get("base_shift", 0.5)
+        max_shift = config.get("max_shift", 1.15)
+        slope = (max_shift - base_shift) / (max_len - base_len)
+        kwargs["mu"] = image_seq_len * slope + base_shift - slope * base_len
+    scheduler.set_timesteps(num_steps, **kwargs)
+    return [float(s) for s in scheduler.sigmas]

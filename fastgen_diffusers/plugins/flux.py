@@ -41,18 +41,22 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers.loaders import FluxLoraLoaderMixin
 from torch import nn
 
 from ..discriminators import ImageDiTDiscriminator
 from ..features import FeatureCapture, get_feature_capture
 from ..features import attach_feature_capture as _attach_blocks
 from ..sampling import validate_t_list
+from .base import Family
 from .common import (
+    JOINT_ATTENTION_LORA_TARGETS,
     TransformerWrapper,
     cfg_get,
     config_of,
@@ -62,9 +66,11 @@ from .common import (
     scaled_initial_latents,
     tokens_to_map,
 )
+from .registry import register_family
 
 __all__ = [
     "DEFAULT_FEATURE_INDICES",
+    "FluxFamily",
     "FluxWrapper",
     "attach_feature_capture",
     "build_discriminator",
@@ -555,3 +561,103 @@ def stock_pipeline_kwargs(
     if guidance_scale is not None:
         kwargs["guidance_scale"] = float(guidance_scale)
     return kwargs
+
+
+# -- the family ---------------------------------------------------------------------------------
+
+# FluxPipeline.__call__'s guidance_scale: the embedded guidance of guidance-distilled checkpoints.
+DEFAULT_GUIDANCE = 3.5
+
+
+@register_family
+class FluxFamily(Family):
+    """``FluxPipeline`` (Flux.1 dev / schnell) for the training machinery.
+
+    Conditioning: ``encoder_hidden_states`` (T5 tokens) and ``pooled_projections`` (CLIP).
+
+    Args:
+        guidance: the embedded guidance value of guidance-distilled checkpoints
+            (``guidance_embeds``, e.g. Flux.1-dev) that the student learns at; ``None`` is
+            ``FluxPipeline``'s default, 3.5, and leaves ``guidance_scale`` out of
+            :meth:`stock_pipeline_kwargs` (the pipeline's default applies). Unused for
+            checkpoints without a guidance embedding (Flux.1-schnell).
+
+    Example::
+
+        family = FluxFamily(guidance=4.0)   # or family_from_pretrained(path, guidance=4.0)
+        teacher = family.wrap(pipe.transformer)
+        kwargs = family.stock_pipeline_kwargs([0.999, 0.5, 0.0])  # guidance_scale=4.0
+    """
+
+    name = "flux"
+    pipeline_class = FluxPipeline
+    transformer_class = FluxTransformer2DModel
+    is_video = False
+    default_max_sequence_length = 512
+    text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    lora_target_modules = JOINT_ATTENTION_LORA_TARGETS + (
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+        "proj_mlp",
+    )
+    lora_loader_class = FluxLoraLoaderMixin
+    pipeline_tag = "text-to-image"
+    license_hint = {
+        "FLUX.1-dev": {
+            "license": "other",
+            "license_name": "flux-1-dev-non-commercial-license",
+            "license_link": (
+                "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"
+            ),
+        },
+        "FLUX.1-schnell": {"license": "apache-2.0"},
+    }
+    default_guidance = DEFAULT_GUIDANCE
+
+    # The other contract members are this module's functions (Family.__init_subclass__).
+
+    def __init__(self, guidance: float | None = None) -> None:
+        if guidance is not None:
+            if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+                raise TypeError(f"guidance must be a number, got {type(guidance).__name__}")
+            if not math.isfinite(guidance):
+                raise ValueError(f"guidance must be a finite number, got {guidance}")
+            guidance = float(guidance)
+        self.guidance = guidance
+
+    def __repr__(self) -> str:
+        return f"FluxFamily(guidance={self.guidance})"
+
+    def wrap(self, transformer: nn.Module) -> FluxWrapper:
+        if not transformer.config.guidance_embeds:
+            # Flux-schnell: no guidance embedding, the value is not used.
+            return FluxWrapper(transformer, guidance_scale=None)
+        guidance = self.default_guidance if self.guidance is None else self.guidance
+        return FluxWrapper(transformer, guidance_scale=guidance)
+
+    def _encode_prompts(
+        self, pipe: Any, prompts: list[str], max_sequence_length: int
+    ) -> dict[str, torch.Tensor]:
+        emb = encode_prompt(pipe, prompts, max_sequence_length=max_sequence_length)
+        return {
+            "encoder_hidden_states": emb["encoder_hidden_states"],
+            "pooled_projections": emb["pooled_projections"],
+        }
+
+    def latent_shape(
+        self, pipe: Any, height: int, width: int, num_frames: int | None = None
+    ) -> tuple[int, ...]:
+        # FluxPipeline silently rounds other sizes down; a cache at a rounded size would not
+        # match the requested resolution.
+        multiple = 2 * int(pipe.vae_scale_factor)
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"height and width must be multiples of {multiple} (2 x vae_scale_factor), got "
+                f"{height} and {width}"
+            )
+        return super().latent_shape(pipe, height, width, num_frames)
+
+    def stock_pipeline_kwargs(self, t_list: Sequence[float]) -> dict[str, Any]:
+        return stock_pipeline_kwargs(t_list, guidance_scale=self.guidance)

@@ -56,13 +56,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+from diffusers.loaders import QwenImageLoraLoaderMixin
 from torch import nn
 
 from ..discriminators import ImageDiTDiscriminator
 from ..features import FeatureCapture
 from ..features import attach_feature_capture as _attach_feature_capture
 from ..sampling import validate_t_list
+from .base import Family
 from .common import (
+    JOINT_ATTENTION_LORA_TARGETS,
     TransformerWrapper,
     cfg_get,
     config_of,
@@ -72,11 +76,13 @@ from .common import (
     scaled_initial_latents,
     tokens_to_map,
 )
+from .registry import register_family
 
 __all__ = [
     "DEFAULT_FEATURE_INDICES",
     "PATCH_SIZE",
     "QWEN_IMAGE_SCHEDULER_CONFIG",
+    "QwenImageFamily",
     "QwenImageWrapper",
     "VAE_SCALE_FACTOR",
     "attach_feature_capture",
@@ -615,3 +621,63 @@ def stock_pipeline_kwargs(t_list: Sequence[float]) -> dict[str, Any]:
         "true_cfg_scale": 1.0,
         "guidance_scale": None,
     }
+
+
+# -- the family ---------------------------------------------------------------------------------
+
+
+@register_family
+class QwenImageFamily(Family):
+    """``QwenImagePipeline`` for the training machinery.
+
+    Conditioning: ``encoder_hidden_states`` (Qwen2.5-VL hidden states) zero-padded to
+    ``max_sequence_length`` tokens and ``encoder_hidden_states_mask`` (``[B, L]``, 1 on valid
+    tokens; all ones where the pipeline would pass ``None``), so every prompt has the same
+    length and keys. Latents are the VAE's ``[B, C, 1, H, W]``.
+
+    Example::
+
+        family = QwenImageFamily()
+        cond = family.encode_prompts(pipe, ["a cat"], max_sequence_length=256)
+        latents = family.encode_media(pipe, pixels)   # [B, 16, 1, H/8, W/8]
+    """
+
+    name = "qwen_image"
+    pipeline_class = QwenImagePipeline
+    transformer_class = QwenImageTransformer2DModel
+    is_video = False
+    default_max_sequence_length = 512
+    max_sequence_length_limit = 1024  # QwenImagePipeline.check_inputs
+    text_components = ("text_encoder", "tokenizer")
+    lora_target_modules = JOINT_ATTENTION_LORA_TARGETS + (
+        "img_mlp.net.0.proj",
+        "img_mlp.net.2",
+        "txt_mlp.net.0.proj",
+        "txt_mlp.net.2",
+    )
+    lora_loader_class = QwenImageLoraLoaderMixin
+    pipeline_tag = "text-to-image"
+    # The Qwen-Image VAE is a causal video VAE: an image is one frame, [B, 3, 1, H, W].
+    _vae_frame_axis = True
+
+    # The other contract members are this module's functions (Family.__init_subclass__).
+
+    def wrap(self, transformer: nn.Module) -> QwenImageWrapper:
+        return QwenImageWrapper(transformer)
+
+    def _encode_prompts(
+        self, pipe: Any, prompts: list[str], max_sequence_length: int
+    ) -> dict[str, torch.Tensor]:
+        length = max_sequence_length
+        if length > self.max_sequence_length_limit:
+            raise ValueError(
+                f"max_sequence_length={length} exceeds QwenImagePipeline's limit of "
+                f"{self.max_sequence_length_limit}"
+            )
+        emb = encode_prompt(pipe, prompts, max_sequence_length=length)
+        # The pipeline pads to the longest prompt of the call; padding every call to one length
+        # (masked, so the model output is unchanged) lets samples of any batches collate.
+        embeds, mask = pad_prompt_embeds(
+            emb["encoder_hidden_states"], emb["encoder_hidden_states_mask"], length
+        )
+        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}

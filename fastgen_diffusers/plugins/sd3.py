@@ -55,14 +55,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.loaders import SD3LoraLoaderMixin
 from torch import nn
 
 from ..discriminators import ImageDiTDiscriminator
 from ..features import FeatureCapture
 from ..features import attach_feature_capture as _attach_feature_capture
 from ..sampling import validate_t_list
+from .base import Family
 from .common import (
+    JOINT_ATTENTION_LORA_TARGETS,
     TransformerWrapper,
     config_of,
     find_transformer,
@@ -71,9 +74,11 @@ from .common import (
     latent_grid_hook,
     tokens_to_map,
 )
+from .registry import register_family
 
 __all__ = [
     "NUM_TRAIN_TIMESTEPS",
+    "SD3Family",
     "SD3Wrapper",
     "attach_feature_capture",
     "build_discriminator",
@@ -418,3 +423,59 @@ def stock_pipeline_kwargs(t_list: Sequence[float]) -> dict[str, Any]:
         "sigmas": values[:-1],
         "guidance_scale": 1.0,
     }
+
+
+# -- the family ---------------------------------------------------------------------------------
+
+
+@register_family
+class SD3Family(Family):
+    """``StableDiffusion3Pipeline`` (SD3, SD3.5) for the training machinery.
+
+    Conditioning: ``encoder_hidden_states`` (CLIP + T5 tokens) and ``pooled_projections``.
+
+    Example::
+
+        family = SD3Family()
+        pipe = family.load_pipeline("stabilityai/stable-diffusion-3.5-medium")
+        teacher = family.wrap(pipe.transformer)
+        cond = family.encode_prompts(pipe, ["a cat"])
+    """
+
+    name = "sd3"
+    pipeline_class = StableDiffusion3Pipeline
+    transformer_class = SD3Transformer2DModel
+    is_video = False
+    default_max_sequence_length = 256
+    text_components = (
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+        "tokenizer",
+        "tokenizer_2",
+        "tokenizer_3",
+    )
+    lora_target_modules = JOINT_ATTENTION_LORA_TARGETS + (
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+    )
+    lora_loader_class = SD3LoraLoaderMixin
+    pipeline_tag = "text-to-image"
+
+    # The other contract members are this module's functions (Family.__init_subclass__).
+
+    def wrap(self, transformer: nn.Module) -> SD3Wrapper:
+        return SD3Wrapper(transformer)
+
+    def _encode_prompts(
+        self, pipe: Any, prompts: list[str], max_sequence_length: int
+    ) -> dict[str, torch.Tensor]:
+        # encode_prompt also encodes the pipeline's default negative (""); only the prompts'
+        # part is kept, so positive and negative prompts come out of one code path.
+        emb = encode_prompt(pipe, prompts, max_sequence_length=max_sequence_length)
+        return {
+            "encoder_hidden_states": emb["prompt_embeds"],
+            "pooled_projections": emb["pooled_prompt_embeds"],
+        }

@@ -59,17 +59,20 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from diffusers.loaders import WanLoraLoaderMixin
 from torch import nn
 
 from ..discriminators import VideoDiTDiscriminator
 from ..features import FeatureCapture
 from ..features import attach_feature_capture as _attach_feature_capture
 from ..sampling import validate_t_list
+from .base import Family
 from .common import (
     TransformerWrapper,
     config_of,
@@ -78,6 +81,7 @@ from .common import (
     latent_grid_hook,
     tokens_to_map,
 )
+from .registry import register_family
 from .wan_schedule import (
     NUM_TRAIN_TIMESTEPS,
     closest_reachable_t_list,
@@ -89,6 +93,7 @@ __all__ = [
     "DEFAULT_FEATURE_INDICES",
     "NUM_TRAIN_TIMESTEPS",
     "WAN_TEXT_TOKENS_WITH_IMAGE",
+    "WanFamily",
     "WanWrapper",
     "attach_feature_capture",
     "build_discriminator",
@@ -688,3 +693,109 @@ def stock_pipeline_kwargs(t_list: Sequence[float]) -> dict[str, Any]:
     """
     values = validate_t_list(t_list)
     return {"num_inference_steps": len(values) - 1, "guidance_scale": 1.0}
+
+
+# -- the family ---------------------------------------------------------------------------------
+
+
+@register_family
+class WanFamily(Family):
+    """``WanPipeline`` (Wan 2.1 / 2.2 text-to-video) for the training machinery.
+
+    Conditioning: ``encoder_hidden_states`` (umT5 tokens, zero-padded to
+    ``max_sequence_length``). Media are videos: pixels ``[B, 3, F, H, W]``, latents
+    ``[B, C, F', H', W']``.
+
+    Args:
+        expand_timesteps: the pipeline's ``expand_timesteps`` (Wan 2.2 TI2V-5B: per-token
+            timesteps); :func:`~fastgen_diffusers.plugins.family_from_pretrained` reads it from
+            ``model_index.json``.
+
+    Example::
+
+        family = family_from_pretrained("Wan-AI/Wan2.2-TI2V-5B-Diffusers")  # expand_timesteps
+        pipe = family.load_pipeline("Wan-AI/Wan2.2-TI2V-5B-Diffusers")
+        shape = family.latent_shape(pipe, 704, 1280, num_frames=121)
+    """
+
+    name = "wan"
+    aliases = ("wan22",)
+    pipeline_class = WanPipeline
+    transformer_class = WanTransformer3DModel
+    is_video = True
+    default_max_sequence_length = 512
+    default_num_frames = 81  # WanPipeline.__call__'s default
+    text_components = ("text_encoder", "tokenizer")
+    lora_target_modules = tuple(
+        f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")
+    ) + ("ffn.net.0.proj", "ffn.net.2")
+    lora_loader_class = WanLoraLoaderMixin
+    pipeline_tag = "text-to-video"
+    video_fps = 16  # the frame rate Wan is trained at (WanPipeline's examples)
+
+    # The other contract members are this module's functions (Family.__init_subclass__).
+
+    def __init__(self, expand_timesteps: bool = False) -> None:
+        self.expand_timesteps = bool(expand_timesteps)
+
+    def __repr__(self) -> str:
+        return f"WanFamily(expand_timesteps={self.expand_timesteps})"
+
+    @classmethod
+    def options_from_model_index(cls, index: Mapping[str, Any], path: str) -> dict[str, Any]:
+        if (index.get("transformer_2") or [None, None])[1] is not None:
+            raise ValueError(
+                f"{path} is a two-expert Wan 2.2 pipeline (transformer_2 is set): distilling "
+                "it into one student is not supported; use a single-transformer WanPipeline"
+            )
+        return {"expand_timesteps": bool(index.get("expand_timesteps", False))}
+
+    def load_pipeline(self, path: str | os.PathLike, **kwargs: Any) -> Any:
+        """:meth:`Family.load_pipeline`, refusing a checkpoint whose ``expand_timesteps``
+        differs from this family's."""
+        pipe = super().load_pipeline(path, **kwargs)
+        loaded = bool(getattr(pipe.config, "expand_timesteps", False))
+        if loaded != self.expand_timesteps:
+            raise ValueError(
+                f"{path} has expand_timesteps={loaded}, this WanFamily expand_timesteps="
+                f"{self.expand_timesteps}: build the family with family_from_pretrained(path)"
+            )
+        return pipe
+
+    def wrap(self, transformer: nn.Module) -> WanWrapper:
+        return WanWrapper(transformer, expand_timesteps=self.expand_timesteps)
+
+    def default_size(self, pipe: Any) -> tuple[int, int]:
+        return 480, 832  # WanPipeline.__call__'s defaults
+
+    def _encode_prompts(
+        self, pipe: Any, prompts: list[str], max_sequence_length: int
+    ) -> dict[str, torch.Tensor]:
+        # encode_prompt also encodes the default negative; only the prompts are kept.
+        emb = encode_prompt(pipe, prompts, max_sequence_length=max_sequence_length)
+        return {"encoder_hidden_states": emb["prompt_embeds"]}
+
+    @torch.no_grad()
+    def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        z = denormalize_latents(pipe.vae, self._vae_input(pipe, latents))
+        video = pipe.vae.decode(z, return_dict=False)[0]
+        # postprocess_video gives [B, F, 3, H, W]; the media layout is channels first.
+        frames = pipe.video_processor.postprocess_video(video, output_type="pt")
+        return frames.permute(0, 2, 1, 3, 4)
+
+    def teacher_sigmas(
+        self, scheduler: Any, num_steps: int, latent_shape: Sequence[int]
+    ) -> list[float]:
+        # Wan ships UniPC with a flow shift: draw the reference with Euler at the same shift.
+        if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            config = dict(scheduler.config)
+            shift = config.get("flow_shift") or config.get("shift") or 1.0
+            scheduler = FlowMatchEulerDiscreteScheduler(shift=float(shift))
+        return super().teacher_sigmas(scheduler, num_steps, latent_shape)
+
+    def card_notes(self, *, base_model: str, lora: bool) -> str:
+        return (
+            "Wan pipelines take no `sigmas`: the student's schedule lives entirely in the shipped "
+            "scheduler config, so only `num_inference_steps` is passed. For a Wan 2.2 A14B base "
+            "model also pass `transformer_2=None, boundary_ratio=None` to `from_pretrained`."
+        )

@@ -65,15 +65,14 @@ def _export(run: Run, teacher: Teacher, student, *, ema, gathered) -> None:
     write_model_card(
         run.output_dir,
         base_model=args.pretrained_model_name_or_path,
-        family=family.name,
+        family=family,
         recipe_name=args.recipe,
         recipe=cfg,
         t_list=run.t_list,
         sample_type=cfg.student_sample_type,
         lora=isinstance(student, AdapterRole),
-        pipeline_class_name=family.pipeline_class.__name__,
         repo_id=args.hub_model_id,
-        pipeline_kwargs=family.stock_pipeline_kwargs(run.t_list, flux_guidance=args.flux_guidance),
+        pipeline_kwargs=family.stock_pipeline_kwargs(run.t_list),
         validation_images=[
             (str(p.relative_to(run.output_dir)), prompt_text)
             for p in sorted(validation_dir.glob("student-*.png"))

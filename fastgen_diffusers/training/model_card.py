@@ -2,10 +2,12 @@
 
 The card states what the student is (an N-step DMD2 student of the base model, the recipe and its
 key values) and how to run it in the family's stock diffusers pipeline: the student's
-transformer (or LoRA) and the shipped ``scheduler/scheduler_config.json``, called with the family
-plugin's :func:`stock_pipeline_kwargs`. Metadata (``base_model``, ``library_name``, tags,
-``widget``) follows the diffusers training scripts (``populate_model_card``). The file is
-written atomically (temporary sibling, then rename).
+transformer (or LoRA) and the shipped ``scheduler/scheduler_config.json``, called with the
+family's :meth:`~fastgen_diffusers.plugins.base.Family.stock_pipeline_kwargs`. Everything
+family-specific (transformer and pipeline classes, video output, notes, licence hints) comes
+from the :class:`~fastgen_diffusers.plugins.base.Family` object. Metadata (``base_model``,
+``library_name``, tags, ``widget``) follows the diffusers training scripts
+(``populate_model_card``). The file is written atomically (temporary sibling, then rename).
 
 Example::
 
@@ -15,36 +17,29 @@ Example::
         "out", base_model="stabilityai/stable-diffusion-3.5-medium", family="sd3",
         recipe_name="general/distillation/dmd2_sd35_medium", recipe=cfg,
         t_list=[0.999, 0.75, 0.5, 0.25, 0.0], sample_type="sde", lora=False,
-        pipeline_class_name="StableDiffusion3Pipeline", repo_id="me/sd35m-dmd2-4step",
+        repo_id="me/sd35m-dmd2-4step",
         validation_images=[("validation/student-0.png", "a cat")],
     )
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..config import DMDConfig
 
-__all__ = ["TRANSFORMER_CLASSES", "render_usage_snippet", "write_model_card"]
+if TYPE_CHECKING:
+    from ..plugins.base import Family
 
-# The transformer class of each family plugin (diffusers names).
-TRANSFORMER_CLASSES: dict[str, str] = {
-    "sd3": "SD3Transformer2DModel",
-    "flux": "FluxTransformer2DModel",
-    "wan": "WanTransformer3DModel",
-    "wan22": "WanTransformer3DModel",
-    "qwen_image": "QwenImageTransformer2DModel",
-}
-_VIDEO_FAMILIES = ("wan", "wan22")
+__all__ = ["render_usage_snippet", "write_model_card"]
+
 _LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 _DEFAULT_PROMPT = "A photo of a red fox in the snow"
 
@@ -84,13 +79,12 @@ def _literal(value: Any, name: str) -> str:
     )
 
 
-def _check_family(family: str) -> str:
-    if family not in TRANSFORMER_CLASSES:
-        raise ValueError(
-            f"family={family!r} is not a model family; expected one of "
-            f"{sorted(TRANSFORMER_CLASSES)}"
-        )
-    return family
+def _resolve_family(family: str | Family) -> Family:
+    """A family object, looked up in the registry when given by name."""
+    from ..plugins.base import Family
+    from ..plugins.registry import get_family
+
+    return family if isinstance(family, Family) else get_family(family)
 
 
 def _check_pipeline_class(name: str) -> str:
@@ -119,18 +113,18 @@ def _hub_id(name: str) -> str | None:
     return name
 
 
-def _task(family: str, pipeline_class_name: str) -> str:
-    if family in _VIDEO_FAMILIES:
-        return "image-to-video" if "ImageToVideo" in pipeline_class_name else "text-to-video"
-    return "text-to-image"
+def _task(family: Family, pipeline_class_name: str) -> str:
+    if family.is_video and "ImageToVideo" in pipeline_class_name:
+        return "image-to-video"
+    return family.pipeline_tag
 
 
 def render_usage_snippet(
     *,
     base_model: str,
     repo: str,
-    family: str,
-    pipeline_class_name: str,
+    family: str | Family,
+    pipeline_class_name: str | None = None,
     lora: bool,
     pipeline_kwargs: Mapping[str, Any],
     prompt: str = _DEFAULT_PROMPT,
@@ -140,11 +134,13 @@ def render_usage_snippet(
     A full student loads ``transformer/`` from ``repo`` into the base model's pipeline; a LoRA
     student loads the base pipeline and ``pipe.load_lora_weights(repo)``. Both take the scheduler
     from ``repo``'s ``scheduler/`` subfolder and call the pipeline with ``pipeline_kwargs``
-    written as literals.
+    written as literals. ``family`` is a :class:`~fastgen_diffusers.plugins.base.Family` or a
+    registered family name; ``pipeline_class_name`` defaults to the family's pipeline.
     """
-    _check_family(family)
+    family = _resolve_family(family)
+    pipeline_class_name = pipeline_class_name or family.pipeline_class.__name__
     task = _task(family, pipeline_class_name)
-    transformer_class = TRANSFORMER_CLASSES[family]
+    transformer_class = family.transformer_class.__name__
     names = sorted(
         {"FlowMatchEulerDiscreteScheduler", pipeline_class_name}
         | (set() if lora else {transformer_class})
@@ -197,7 +193,7 @@ def render_usage_snippet(
             "video = pipe(",
             *call,
             ").frames[0]",
-            'export_to_video(video, "student.mp4", fps=16)',
+            f'export_to_video(video, "student.mp4", fps={family.video_fps or 16})',
         ]
     return "\n".join(lines)
 
@@ -259,7 +255,7 @@ def _description(
     *,
     base_model: str,
     repo: str,
-    family: str,
+    family: Family,
     recipe_name: str,
     recipe: DMDConfig,
     t_list: Sequence[float],
@@ -316,13 +312,9 @@ def _description(
         snippet,
         "```",
     ]
-    if family in _VIDEO_FAMILIES:
-        parts += [
-            "",
-            "Wan pipelines take no `sigmas`: the student's schedule lives entirely in the shipped "
-            "scheduler config, so only `num_inference_steps` is passed. For a Wan 2.2 A14B base "
-            "model also pass `transformer_2=None, boundary_ratio=None` to `from_pretrained`.",
-        ]
+    notes = family.card_notes(base_model=base_model, lora=lora)
+    if notes:
+        parts += ["", notes]
     if t_list[0] != 1.0:
         parts += [
             "",
@@ -354,13 +346,13 @@ def write_model_card(
     output_dir: str | os.PathLike,
     *,
     base_model: str,
-    family: str,
+    family: str | Family,
     recipe_name: str,
     recipe: DMDConfig,
     t_list: Sequence[float],
     sample_type: str,
     lora: bool,
-    pipeline_class_name: str,
+    pipeline_class_name: str | None = None,
     repo_id: str | None = None,
     validation_images: Sequence[str | os.PathLike | tuple[Any, str]] = (),
     extra: Mapping[str, Any] | None = None,
@@ -371,29 +363,35 @@ def write_model_card(
 
     Args:
         base_model: the teacher's Hub id (or path), loaded by the snippet for the other components.
-        family: plugin name (``"sd3"``, ``"flux"``, ``"wan"``, ``"wan22"``, ``"qwen_image"``).
+        family: the :class:`~fastgen_diffusers.plugins.base.Family` (e.g. from
+            ``family_from_pretrained``), or a registered family name (``"sd3"``, ``"flux"``,
+            ``"wan"``, ``"wan22"``, ``"qwen_image"``) for its default settings.
         recipe_name / recipe: the recipe's name and its resolved :class:`DMDConfig`.
         t_list: the student's rungs, ending with 0.0 (``len(t_list) - 1`` steps).
         sample_type: ``"ode"`` or ``"sde"``, as in the shipped scheduler config.
         lora: the student ships as ``pytorch_lora_weights.safetensors`` instead of
             ``transformer/``.
-        pipeline_class_name: the stock pipeline, e.g. ``"FluxPipeline"``.
+        pipeline_class_name: the stock pipeline, e.g. ``"FluxPipeline"``; default: the
+            family's ``pipeline_class``.
         repo_id: where the student will live on the Hub; ``None`` writes the absolute
             ``output_dir`` into the snippet.
         validation_images: sample files inside ``output_dir``, as paths or ``(path, prompt)``
             pairs; they become widget entries.
         extra: further ``name: value`` rows of the training-details table (steps, batch size...).
-        pipeline_kwargs: call arguments of the snippet; default: the family plugin's
-            ``stock_pipeline_kwargs(t_list)`` (pass Flux-dev's with its embedded guidance).
-        license: the card's license (usually the base model's).
+        pipeline_kwargs: call arguments of the snippet; default: the family's
+            ``stock_pipeline_kwargs(t_list)``.
+        license: the card's license (usually the base model's); default: the family's
+            ``license_hint`` for ``base_model``, if any.
     """
     from diffusers.utils.hub_utils import populate_model_card
 
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise FileNotFoundError(f"output_dir={str(output_dir)!r} is not a directory")
-    _check_family(family)
-    _check_pipeline_class(pipeline_class_name)
+    family = _resolve_family(family)
+    pipeline_class_name = _check_pipeline_class(
+        pipeline_class_name or family.pipeline_class.__name__
+    )
     if sample_type not in ("ode", "sde"):
         raise ValueError(f"sample_type={sample_type!r}; expected 'ode' or 'sde'")
     t_list = [float(t) for t in t_list]
@@ -405,8 +403,10 @@ def write_model_card(
             f"student_sample_steps={recipe.student_sample_steps}"
         )
     if pipeline_kwargs is None:
-        plugin = importlib.import_module(f"fastgen_diffusers.plugins.{family}")
-        pipeline_kwargs = plugin.stock_pipeline_kwargs(t_list)
+        pipeline_kwargs = family.stock_pipeline_kwargs(t_list)
+    license_fields = (
+        {"license": license} if license is not None else family.card_license(base_model)
+    )
 
     repo = repo_id if repo_id is not None else str(output_dir.resolve())
     widget = _widget(output_dir, validation_images)
@@ -426,7 +426,7 @@ def write_model_card(
         extra=extra,
     )
     card_data = ModelCardData(
-        license=license,
+        **license_fields,
         library_name="diffusers",
         base_model=_hub_id(base_model),
         pipeline_tag=task,
@@ -438,7 +438,7 @@ def write_model_card(
         title=f"{repo_id or output_dir.name}: {len(t_list) - 1}-step DMD2 student",
         model_description=description,
     )
-    tags = ["diffusers", "dmd2", "distillation", "few-step", family, task]
+    tags = ["diffusers", "dmd2", "distillation", "few-step", family.name, task]
     if lora:
         tags.append("lora")
     card = populate_model_card(card, tags=tags)

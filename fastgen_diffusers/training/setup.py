@@ -29,12 +29,12 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from ..loader import load_dmd_config
 from ..lora import AdapterRole, LoraSettings, build_dmd_networks, enable_gradient_checkpointing
 from ..methods import DMDPipeline
+from ..plugins import family_from_pretrained
 from .args import TrainingArguments
 from .cache import CacheSettings, build_cache
 from .checkpointing import checkpoint_step, load_per_rank_state, resolve_resume
 from .data import load_training_dataset
 from .data_order import ResumableRandomSampler
-from .families import family_from_pretrained
 from .parallel import load_pipeline, pipeline_to, prepare_networks
 from .state import Counter, Networks, Progress, Run, Teacher, Trainer, TrainingData
 
@@ -107,7 +107,9 @@ def load_teacher(run: Run) -> Teacher:
     """The teacher's pipeline on the device (under FSDP2 only rank 0 reads the weights) and
     the per-sample latent shape at the requested size."""
     args = run.args
-    family = family_from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
+    family = family_from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, guidance=args.flux_guidance
+    )
     pipe = load_pipeline(
         run.accelerator,
         family,
@@ -196,7 +198,7 @@ def build_networks(run: Run, teacher: Teacher) -> Networks:
     base) trained in fp32, gradient checkpointing, and the GAN discriminator on the teacher's
     features when the recipe has a GAN branch."""
     args, family = run.args, teacher.family
-    wrapped = family.wrap(teacher.pipe.transformer, flux_guidance=args.flux_guidance)
+    wrapped = family.wrap(teacher.pipe.transformer)
     wrapped.requires_grad_(False)
     lora = LoraSettings(
         rank=args.rank,

@@ -14,7 +14,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from ..ema import ema_weights
+from ..plugins.common import flow_match_sigmas
 from ..sampling import sample_student, sample_teacher
 
 if TYPE_CHECKING:
@@ -43,26 +43,12 @@ def _noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device) -> 
 
 def teacher_sigmas(scheduler: Any, num_steps: int, image_seq_len: int) -> list[float]:
     """The sigmas the teacher's own flow-matching scheduler visits in ``num_steps`` steps
-    (dynamic shifting resolved for ``image_seq_len`` tokens), ending with 0."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    (dynamic shifting resolved for ``image_seq_len`` tokens), ending with 0.
 
-    config = dict(scheduler.config)
-    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        # Wan ships UniPC with a flow shift: draw the reference with Euler at the same shift.
-        shift = config.get("flow_shift") or config.get("shift") or 1.0
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=float(shift))
-        config = dict(scheduler.config)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-    kwargs: dict[str, Any] = {}
-    if config.get("use_dynamic_shifting"):
-        base_len = config.get("base_image_seq_len", 256)
-        max_len = config.get("max_image_seq_len", 4096)
-        base_shift = config.get("base_shift", 0.5)
-        max_shift = config.get("max_shift", 1.15)
-        slope = (max_shift - base_shift) / (max_len - base_len)
-        kwargs["mu"] = image_seq_len * slope + base_shift - slope * base_len
-    scheduler.set_timesteps(num_steps, **kwargs)
-    return [float(s) for s in scheduler.sigmas]
+    A family whose checkpoints ship another scheduler resolves it in its own
+    ``Family.teacher_sigmas``; call that when the family is known.
+    """
+    return flow_match_sigmas(scheduler.config, num_steps, image_seq_len)
 
 
 @torch.no_grad()
@@ -165,8 +151,9 @@ def validate(
         }
         prepared.reshard()  # before the live weights go back into the shards
     if teacher_grid:  # once, at the start: the reference the student is distilled from
-        seq_len = math.prod(teacher.latent_shape[-2:]) // 4
-        sigmas = teacher_sigmas(teacher.pipe.scheduler, run.args.teacher_validation_steps, seq_len)
+        sigmas = teacher.family.teacher_sigmas(
+            teacher.pipe.scheduler, run.args.teacher_validation_steps, teacher.latent_shape
+        )
         grids["teacher"] = sample_images(
             prepared.teacher,
             cond,
