@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -49,8 +48,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .compat import enable_peft_layer_adapters, set_peft_layer_adapter
 from .factory import create_fake_score
 from .features import detach_feature_capture, unwrap_module
+from .io import atomic_path
 
 __all__ = [
     "FAKE_SCORE_ADAPTER",
@@ -197,10 +198,8 @@ def add_adapters(model: nn.Module, settings: LoraSettings, names: Sequence[str])
 
 def _set_state(model: nn.Module, adapter: str | None) -> None:
     for layer in _tuner_layers(model):
-        # Set peft's flags directly: its set_adapter / enable_adapters also flip requires_grad.
-        layer._disable_adapters = adapter is None
-        if adapter is not None:
-            layer._active_adapter = [adapter]
+        # Not peft's set_adapter / enable_adapters: they also flip requires_grad.
+        set_peft_layer_adapter(layer, adapter)
     object.__setattr__(model, _STATE_ATTR, adapter)
 
 
@@ -449,15 +448,14 @@ def save_student_lora(
         raise _unknown_family(f"No diffusers LoRA format for {type(inner).__name__}")
     loader = family.lora_loader_class
     os.makedirs(save_directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-lora-") as tmp:
+    final = os.path.join(save_directory, weight_name)
+    with atomic_path(final) as tmp:  # diffusers writes <save_directory>/<weight_name>
         loader.save_lora_weights(
-            tmp,
+            str(tmp.parent),
             transformer_lora_layers=student_lora_state_dict(student, gathered),
             transformer_lora_adapter_metadata=_lora_metadata(student),
-            weight_name=weight_name,
+            weight_name=tmp.name,
         )
-        final = os.path.join(save_directory, weight_name)
-        os.replace(os.path.join(tmp, weight_name), final)
     return final
 
 
@@ -469,7 +467,7 @@ def fuse_student(student: AdapterRole) -> nn.Module:
     detach_feature_capture(fused)
     object.__setattr__(fused, _STATE_ATTR, None)
     for layer in _tuner_layers(fused):
-        layer._disable_adapters = False
+        enable_peft_layer_adapters(layer)
         layer.merge(adapter_names=[student.adapter])
     fused.unload_lora()  # swaps every LoRA layer for its (now merged) base layer
     fused.requires_grad_(False)

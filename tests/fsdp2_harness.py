@@ -21,8 +21,8 @@ from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-import fastgen_diffusers.training.loop as loop
-from fastgen_diffusers.training import parse_args
+import fastgen_diffusers.training.setup as setup
+from fastgen_diffusers.training import parse_args, train
 
 ROOT = Path(__file__).resolve().parent.parent
 # The README's FSDP2 config: the plugin under test is the one it gives.
@@ -59,8 +59,8 @@ class CPUFSDP2Accelerator(Accelerator):
 
 def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
-    loop.Accelerator = CPUFSDP2Accelerator
-    loop.train(parse_args(argv))
+    setup.Accelerator = CPUFSDP2Accelerator  # the one place the run builds its Accelerator
+    train(parse_args(argv))
 
 
 if __name__ == "__main__":

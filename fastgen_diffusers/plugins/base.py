@@ -34,7 +34,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -52,17 +51,6 @@ __all__ = ["Family"]
 
 # Pixels outside [-1, 1] by more than this are a caller error (e.g. [0, 255] images).
 _PIXEL_TOLERANCE = 1e-3
-# Contract members a family class leaves undefined are taken from the plugin module that
-# defines it (member -> module function): the plugin's free functions are the implementation.
-PLUGIN_FUNCTIONS: dict[str, str] = {
-    "normalize_latents": "normalize_latents",
-    "denormalize_latents": "denormalize_latents",
-    "attach_feature_capture": "attach_feature_capture",
-    "student_scheduler_config": "student_scheduler_config",
-    "stock_pipeline_kwargs": "stock_pipeline_kwargs",
-    "_discriminator": "build_discriminator",
-    "_latent_shape": "latent_shape",
-}
 
 
 class Family(ABC):
@@ -70,11 +58,10 @@ class Family(ABC):
     family's plugin module, registered with
     :func:`~fastgen_diffusers.plugins.registry.register_family`.
 
-    A subclass defined in a plugin module takes the contract members it does not define from
-    that module's functions of the same role (:data:`PLUGIN_FUNCTIONS`: ``normalize_latents``,
-    ``denormalize_latents``, ``attach_feature_capture``, ``build_discriminator``,
-    ``latent_shape``, ``student_scheduler_config``, ``stock_pipeline_kwargs``), so the module's
-    public functions and the family's methods are one implementation.
+    A plugin module's public functions (``normalize_latents``, ``latent_shape``,
+    ``student_scheduler_config``, ...) are usable on their own; the family class binds them as
+    its contract members (``normalize_latents = staticmethod(normalize_latents)``), so both are
+    one implementation.
 
     Example (the layout of :mod:`fastgen_diffusers.plugins.sd3`)::
 
@@ -88,6 +75,8 @@ class Family(ABC):
             lora_target_modules = ("attn.to_q", ...)
             lora_loader_class = SD3LoraLoaderMixin
 
+            normalize_latents = staticmethod(normalize_latents)   # the module's functions
+            ...
             def wrap(self, transformer): return SD3Wrapper(transformer)
             def _encode_prompts(self, pipe, prompts, max_sequence_length): ...
 
@@ -130,17 +119,6 @@ class Family(ABC):
     video_fps: ClassVar[int | None] = None
     # Image families whose VAE is a video VAE (Qwen-Image) see an image as one frame.
     _vae_frame_axis: ClassVar[bool] = False
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        module = sys.modules.get(cls.__module__)
-        for member, function in PLUGIN_FUNCTIONS.items():
-            implementation = getattr(module, function, None)
-            # Only members still abstract: a method the class (or a parent) defines wins.
-            if callable(implementation) and getattr(
-                getattr(cls, member), "__isabstractmethod__", False
-            ):
-                setattr(cls, member, staticmethod(implementation))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -616,7 +616,13 @@ class FluxFamily(Family):
     }
     default_guidance = DEFAULT_GUIDANCE
 
-    # The other contract members are this module's functions (Family.__init_subclass__).
+    # The rest of the contract is this module's functions.
+    normalize_latents = staticmethod(normalize_latents)
+    denormalize_latents = staticmethod(denormalize_latents)
+    attach_feature_capture = staticmethod(attach_feature_capture)
+    student_scheduler_config = staticmethod(student_scheduler_config)
+    _discriminator = staticmethod(build_discriminator)
+    _latent_shape = staticmethod(latent_shape)
 
     def __init__(self, guidance: float | None = None) -> None:
         if guidance is not None:

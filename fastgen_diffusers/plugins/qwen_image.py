@@ -660,7 +660,14 @@ class QwenImageFamily(Family):
     # The Qwen-Image VAE is a causal video VAE: an image is one frame, [B, 3, 1, H, W].
     _vae_frame_axis = True
 
-    # The other contract members are this module's functions (Family.__init_subclass__).
+    # The rest of the contract is this module's functions.
+    normalize_latents = staticmethod(normalize_latents)
+    denormalize_latents = staticmethod(denormalize_latents)
+    attach_feature_capture = staticmethod(attach_feature_capture)
+    student_scheduler_config = staticmethod(student_scheduler_config)
+    stock_pipeline_kwargs = staticmethod(stock_pipeline_kwargs)
+    _discriminator = staticmethod(build_discriminator)
+    _latent_shape = staticmethod(latent_shape)
 
     def wrap(self, transformer: nn.Module) -> QwenImageWrapper:
         return QwenImageWrapper(transformer)

@@ -464,7 +464,14 @@ class SD3Family(Family):
     lora_loader_class = SD3LoraLoaderMixin
     pipeline_tag = "text-to-image"
 
-    # The other contract members are this module's functions (Family.__init_subclass__).
+    # The rest of the contract is this module's functions.
+    normalize_latents = staticmethod(normalize_latents)
+    denormalize_latents = staticmethod(denormalize_latents)
+    attach_feature_capture = staticmethod(attach_feature_capture)
+    student_scheduler_config = staticmethod(student_scheduler_config)
+    stock_pipeline_kwargs = staticmethod(stock_pipeline_kwargs)
+    _discriminator = staticmethod(build_discriminator)
+    _latent_shape = staticmethod(latent_shape)
 
     def wrap(self, transformer: nn.Module) -> SD3Wrapper:
         return SD3Wrapper(transformer)

@@ -733,7 +733,14 @@ class WanFamily(Family):
     pipeline_tag = "text-to-video"
     video_fps = 16  # the frame rate Wan is trained at (WanPipeline's examples)
 
-    # The other contract members are this module's functions (Family.__init_subclass__).
+    # The rest of the contract is this module's functions.
+    normalize_latents = staticmethod(normalize_latents)
+    denormalize_latents = staticmethod(denormalize_latents)
+    attach_feature_capture = staticmethod(attach_feature_capture)
+    student_scheduler_config = staticmethod(student_scheduler_config)
+    stock_pipeline_kwargs = staticmethod(stock_pipeline_kwargs)
+    _discriminator = staticmethod(build_discriminator)
+    _latent_shape = staticmethod(latent_shape)
 
     def __init__(self, expand_timesteps: bool = False) -> None:
         self.expand_timesteps = bool(expand_timesteps)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..config import DMDConfig
+from ..io import write_text_atomic
 
 if TYPE_CHECKING:
     from ..plugins.base import Family
@@ -329,19 +329,6 @@ def _description(
     return "\n".join(parts)
 
 
-def _write_atomic(card: ModelCard, path: Path) -> None:
-    # A unique sibling opened with "x" (not mkstemp, which creates it 0600): the card keeps the
-    # permissions of the files next to it.
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as f:
-            f.write(str(card))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_model_card(
     output_dir: str | os.PathLike,
     *,
@@ -443,5 +430,5 @@ def write_model_card(
         tags.append("lora")
     card = populate_model_card(card, tags=tags)
     path = output_dir / "README.md"
-    _write_atomic(card, path)
+    write_text_atomic(path, str(card))
     return path
