@@ -20,7 +20,17 @@ import yaml
 
 from ..lora import LAYOUTS
 
-__all__ = ["TrainingArguments", "build_parser", "parse_args", "parse_recipe_overrides"]
+__all__ = [
+    "SECRET_ARGUMENTS",
+    "TrainingArguments",
+    "build_parser",
+    "parse_args",
+    "parse_recipe_overrides",
+]
+
+
+# Arguments never written anywhere (files, tracker configs, the Hub).
+SECRET_ARGUMENTS = frozenset({"hub_token"})
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,15 @@ class TrainingArguments:
         """``(height, width)`` of the training media (``--height``/``--width`` over
         ``--resolution``)."""
         return (self.height or self.resolution, self.width or self.resolution)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The arguments without secrets (``hub_token``): what may be written to a file, a
+        tracker config or the Hub."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in SECRET_ARGUMENTS
+        }
 
     def replace(self, **changes: Any) -> TrainingArguments:
         """A copy with ``changes`` applied (the arguments are frozen)."""

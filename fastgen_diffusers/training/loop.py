@@ -80,7 +80,7 @@ def train(args: TrainingArguments | argparse.Namespace) -> Path:
 def start_trackers(run: Run) -> None:
     """The trackers named by ``--report_to``, with the run's arguments as their config."""
     if run.is_main and run.args.report_to != "none":
-        config = {k: str(v) for k, v in vars(run.args).items()}
+        config = {k: str(v) for k, v in run.args.public_dict().items()}
         run.accelerator.init_trackers("dmd2", config=config)
 
 
