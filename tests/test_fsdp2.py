@@ -208,7 +208,7 @@ PREPARE_CHECK = textwrap.dedent(
     from torch.distributed.tensor import DTensor
     from fsdp2_harness import CPUFSDP2Accelerator
     from fastgen_diffusers.lora import LoraSettings, build_dmd_networks
-    from fastgen_diffusers.training.families import family_from_pretrained
+    from fastgen_diffusers.plugins import family_from_pretrained
     from fastgen_diffusers.training.parallel import load_pipeline, prepare_networks, unsharded_class
 
     layout, path = sys.argv[1], sys.argv[2]

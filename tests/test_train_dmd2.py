@@ -19,9 +19,9 @@ from hub_server import TOKEN, StandInHub
 from PIL import Image
 from tiny_pipelines import CALL_KWARGS, save_tiny_flux, save_tiny_sd3, save_tiny_wan
 
+from fastgen_diffusers.plugins import family_from_pretrained
 from fastgen_diffusers.sampling import sample_student
 from fastgen_diffusers.training import parse_args, train
-from fastgen_diffusers.training.families import family_from_pretrained
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,15 +24,12 @@ from tiny_pipelines import (
     save_tiny_wan,
 )
 
-from fastgen_diffusers.plugins import flux, qwen_image, sd3, wan
+from fastgen_diffusers.plugins import family_from_pretrained, flux, qwen_image, sd3, wan
+from fastgen_diffusers.plugins.flux import FluxFamily
+from fastgen_diffusers.plugins.qwen_image import QwenImageFamily
+from fastgen_diffusers.plugins.sd3 import SD3Family
+from fastgen_diffusers.plugins.wan import WanFamily
 from fastgen_diffusers.sampling import sample_student, sample_teacher
-from fastgen_diffusers.training.families import (
-    FluxFamily,
-    QwenImageFamily,
-    SD3Family,
-    WanFamily,
-    family_from_pretrained,
-)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

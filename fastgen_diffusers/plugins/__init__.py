@@ -29,7 +29,8 @@ __all__ = [
     "registered_families",
 ]
 
-_PLUGINS = ("wan", "wan22", "sd3", "flux", "qwen_image")
+# Module aliases kept for old imports (``plugins.wan22`` is the Wan plugin).
+_ALIASES = ("wan22",)
 # Names served lazily from the submodule that defines them.
 _LAZY = {
     "Family": "base",
@@ -44,11 +45,13 @@ _LAZY = {
 
 def available_plugins() -> tuple[str, ...]:
     """Module names of the built-in plugins (``wan22`` is an alias of ``wan``)."""
-    return _PLUGINS
+    from .registry import BUILTIN_FAMILY_MODULES
+
+    return BUILTIN_FAMILY_MODULES + _ALIASES
 
 
 def __getattr__(name: str) -> Any:
-    if name in _PLUGINS:
+    if name in available_plugins():
         return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

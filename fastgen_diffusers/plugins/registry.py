@@ -29,6 +29,7 @@ from ..features import unwrap_module
 from .base import Family
 
 __all__ = [
+    "BUILTIN_FAMILY_MODULES",
     "family_for_pipeline_class",
     "family_for_transformer",
     "family_from_pretrained",
@@ -39,7 +40,7 @@ __all__ = [
 
 # The built-in family modules, imported on first lookup (each imports diffusers). A new built-in
 # family adds its module name here.
-_FAMILY_MODULES = ("sd3", "flux", "wan", "qwen_image")
+BUILTIN_FAMILY_MODULES = ("sd3", "flux", "wan", "qwen_image")
 
 _REGISTRY: dict[str, type[Family]] = {}
 _loaded = False
@@ -68,7 +69,7 @@ def register_family(cls: F) -> F:
 def _load_builtin() -> None:
     global _loaded
     if not _loaded:
-        for module in _FAMILY_MODULES:
+        for module in BUILTIN_FAMILY_MODULES:
             importlib.import_module(f"{__package__}.{module}")
         _loaded = True
 
