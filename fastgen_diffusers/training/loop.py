@@ -27,6 +27,7 @@ from ..config import DMDConfig
 from ..loader import load_dmd_config
 from .args import TrainingArguments
 from .checkpointing import save_checkpoint
+from .console import print_run_summary
 from .finish import finish
 from .setup import (
     build_networks,
@@ -58,6 +59,7 @@ def train(args: TrainingArguments | argparse.Namespace) -> Path:
     trainer = make_trainer(run, build_networks(run, teacher))  # layout, DDP/FSDP2, optimizers
     progress = resume(run, trainer, len(data.samples))
     start_trackers(run)
+    print_run_summary(run, teacher, trainer, len(data.samples))
     if progress.step == 0:
         validate(run, teacher, data, trainer, 0, teacher_grid=True)
     bar = tqdm(
@@ -78,10 +80,11 @@ def train(args: TrainingArguments | argparse.Namespace) -> Path:
 
 
 def start_trackers(run: Run) -> None:
-    """The trackers named by ``--report_to``, with the run's arguments as their config."""
-    if run.is_main and run.args.report_to != "none":
-        config = {k: str(v) for k, v in run.args.public_dict().items()}
-        run.accelerator.init_trackers("dmd2", config=config)
+    """The trackers named by ``--report_to`` (project ``--tracker_project_name``), with the
+    run's arguments without secrets as their config (:mod:`.trackers`)."""
+    from .trackers import start_trackers as _start
+
+    _start(run)
 
 
 def train_step(
@@ -203,13 +206,16 @@ def _mean_over_ranks(run: Run, logs: dict[str, float]) -> dict[str, float]:
 def log_step(run: Run, logs: dict[str, float], step: int, bar: Any) -> None:
     """Progress bar, trackers, and ``logs/losses.jsonl`` (every iteration's losses as JSON
     lines: what a resumed run must reproduce)."""
-    bar.set_postfix(
-        {
-            k.split("/")[-1] if k.endswith("total") else k: f"{v:.4g}"
-            for k, v in logs.items()
-            if k.endswith("total")
-        }
-    )
+    # Each network's loss keeps its last value between its turns; the learning rate is the
+    # student's.
+    shown = getattr(bar, "dmd2_postfix", {})
+    for role, label in (("student", "student"), ("fake_score", "fake"), ("discriminator", "disc")):
+        if f"{role}/total" in logs:
+            shown[label] = f"{logs[f'{role}/total']:.4g}"
+    if "lr/student" in logs:
+        shown["lr"] = f"{logs['lr/student']:.3g}"
+    bar.dmd2_postfix = shown
+    bar.set_postfix(shown, refresh=False)
     run.accelerator.log(logs, step=step)
     if run.is_main:
         loss_log = run.log_dir / "losses.jsonl"
@@ -222,10 +228,14 @@ def maybe_checkpoint(run: Run, trainer: Trainer, step: int) -> None:
     """A checkpoint every ``--checkpointing_steps`` iterations (the last one is the export)."""
     args = run.args
     if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
-        save_checkpoint(
+        path = save_checkpoint(
             run.accelerator,
             run.output_dir,
             step,
             args.checkpoints_total_limit,
             per_rank_state={"ema": trainer.ema_per_rank},
         )
+        if args.push_checkpoints_to_hub and run.hub_repo_id and run.is_main:
+            from .hub import push_checkpoint
+
+            push_checkpoint(path, run.hub_repo_id, token=args.hub_token)
