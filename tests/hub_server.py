@@ -1,9 +1,9 @@
 """A stand-in Hugging Face Hub on 127.0.0.1 for upload tests.
 
 It speaks the part of the Hub HTTP API ``huggingface_hub`` uses for ``whoami``, ``create_repo``
-and ``upload_folder``: the login check (only :data:`TOKEN` is valid), repo creation, README metadata validation, ``preupload`` (every file answered
-"regular", so contents travel base64 inside the NDJSON commit payload) and ``commit``. Committed
-files are kept in memory.
+and ``upload_folder``: the login check (only :data:`TOKEN` is valid), repo creation, README
+metadata validation, ``preupload`` (every file answered "regular", so contents travel base64
+inside the NDJSON commit payload) and ``commit``. Committed files are kept in memory.
 """
 
 from __future__ import annotations

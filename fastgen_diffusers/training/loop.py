@@ -208,14 +208,20 @@ def log_step(run: Run, logs: dict[str, float], step: int, bar: Any) -> None:
     lines: what a resumed run must reproduce)."""
     # Each network's loss keeps its last value between its turns; the learning rate is the
     # student's.
-    shown = getattr(bar, "dmd2_postfix", {})
-    for role, label in (("student", "student"), ("fake_score", "fake"), ("discriminator", "disc")):
-        if f"{role}/total" in logs:
-            shown[label] = f"{logs[f'{role}/total']:.4g}"
-    if "lr/student" in logs:
-        shown["lr"] = f"{logs['lr/student']:.3g}"
-    bar.dmd2_postfix = shown
-    bar.set_postfix(shown, refresh=False)
+    last = getattr(bar, "dmd2_last", {})
+    for key in ("student/total", "fake_score/total", "discriminator/total", "lr/student"):
+        if key in logs:
+            last[key] = logs[key]
+    bar.dmd2_last = last
+    labels = {
+        "student/total": "student",
+        "fake_score/total": "fake",
+        "discriminator/total": "disc",
+        "lr/student": "lr",
+    }
+    bar.set_postfix(
+        {label: f"{last[key]:.4g}" for key, label in labels.items() if key in last}, refresh=False
+    )
     run.accelerator.log(logs, step=step)
     if run.is_main:
         loss_log = run.log_dir / "losses.jsonl"

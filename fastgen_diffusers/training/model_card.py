@@ -291,6 +291,9 @@ def _description(
     kind = "LoRA adapter" if lora else "full transformer"
     on_hub = _hub_id(base_model) is not None
     base_model, base_note = _local_base(base_model, repo_id)
+    if os.path.exists(recipe_name):  # a recipe file: named, not located, in a card for the Hub
+        recipe_file = Path(recipe_name).resolve()
+        recipe_name = str(recipe_file) if repo_id is None else recipe_file.name
     base = f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else f"`{base_model}`"
     parts = [
         f"A {steps}-step DMD2 student of {base}, "

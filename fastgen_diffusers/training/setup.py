@@ -39,7 +39,7 @@ from .errors import UserError
 from .hub import prepare_hub_repo
 from .parallel import load_pipeline, pipeline_to, prepare_networks
 from .state import Counter, Networks, Progress, Run, Teacher, Trainer, TrainingData
-from .trackers import check_trackers
+from .trackers import check_trackers, requested_trackers
 
 __all__ = [
     "build_networks",
@@ -78,7 +78,7 @@ def setup_run(args: TrainingArguments) -> Run:
     accelerator = Accelerator(
         cpu=multi_process_cpu,
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=requested_trackers(args.report_to) or None,
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
         ),
