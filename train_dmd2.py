@@ -11,11 +11,16 @@ Run with --help for every flag. The machinery lives in fastgen_diffusers.trainin
 import sys
 
 from fastgen_diffusers.training import parse_args, train
+from fastgen_diffusers.training.errors import UserError
 from fastgen_diffusers.training.hub import HubUploadError, IncompleteOutputError
 
 if __name__ == "__main__":
     try:
         train(parse_args())
+    except UserError as err:
+        # A bad flag, login or tracker set-up, found before any model was loaded.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     except (HubUploadError, IncompleteOutputError) as err:
         # The local output is complete and intact; only the upload failed.
         print(f"error: {err}", file=sys.stderr)

@@ -1,9 +1,9 @@
 """A stand-in Hugging Face Hub on 127.0.0.1 for upload tests.
 
-It speaks the part of the Hub HTTP API ``huggingface_hub`` uses for ``create_repo`` and
-``upload_folder``: repo creation, README metadata validation, ``preupload`` (every file answered
-"regular", so contents travel base64 inside the NDJSON commit payload) and ``commit``. Committed
-files are kept in memory.
+It speaks the part of the Hub HTTP API ``huggingface_hub`` uses for ``whoami``, ``create_repo``
+and ``upload_folder``: the login check (only :data:`TOKEN` is valid), repo creation, README
+metadata validation, ``preupload`` (every file answered "regular", so contents travel base64
+inside the NDJSON commit payload) and ``commit``. Committed files are kept in memory.
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ class StandInHub:
         except ValueError as err:
             return self._reply(req, 413, {"error": str(err)})
         routes = [
+            ("GET", r"/api/whoami-v2", self._whoami),
             ("POST", r"/api/repos/create", self._create),
             ("POST", r"/api/validate-yaml", self._validate_yaml),
             ("POST", r"/api/models/([^/]+/[^/]+)/preupload/([^/]+)", self._preupload),
@@ -126,6 +127,20 @@ class StandInHub:
         self._reply(req, 404, {"error": f"no route {req.command} {path}"})
 
     # -- endpoints
+
+    def _whoami(self, req: BaseHTTPRequestHandler, body: bytes) -> None:
+        if req.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self._reply(req, 401, {"error": "Invalid credentials in Authorization header"})
+        self._reply(
+            req,
+            200,
+            {
+                "type": "user",
+                "name": "stand-in-user",
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"role": "write"}},
+            },
+        )
 
     def _create(self, req: BaseHTTPRequestHandler, body: bytes) -> None:
         if "create" in self.fail:

@@ -416,8 +416,10 @@ def test_card_front_matter_and_gallery(tmp_path):
     assert card.data.base_model == "stabilityai/stable-diffusion-3.5-medium"
     assert card.data.library_name == "diffusers"
     assert card.data.pipeline_tag == "text-to-image"
+    # diffusers-training and the family's task as in the diffusers training scripts.
     assert card.data.tags == [
         "diffusers",
+        "diffusers-training",
         "dmd2",
         "distillation",
         "few-step",
@@ -476,7 +478,10 @@ def test_flux_lora_snippet_loads_the_adapter(tmp_path):
     out = export_flux_lora(tmp_path / "out", repo_id="team/flux-dmd2-lora")
     code = snippet_of(out / "README.md")
     card = ModelCard.load(out / "README.md")
-    assert card.data.tags[-1] == "lora" and "flux" in card.data.tags
+    assert {"lora", "template:sd-lora", "flux"} <= set(card.data.tags)
+    # FLUX.1-dev's non-commercial licence is inherited, not left out.
+    assert card.data.license == "other"
+    assert card.data.license_name == "flux-1-dev-non-commercial-license"
     assert "FluxTransformer2DModel" not in code  # the base model's transformer is kept
 
     # Point the snippet at the local export to run it offline.

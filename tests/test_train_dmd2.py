@@ -137,6 +137,8 @@ def test_sd3_run_writes_a_complete_output(sd3_run):
     assert "StableDiffusion3Pipeline" in card and "sigmas=[0.999]" in card
     pngs = sorted(p.name for p in (out / "validation").glob("*.png"))
     assert pngs == [
+        "final-0.png",  # the final weights, one image per prompt: the model card's gallery
+        "final-1.png",
         "student-000000.png",
         "student-000003.png",
         "student-000006.png",
@@ -344,6 +346,8 @@ def test_push_to_hub_against_a_stand_in_server(tmp_path, monkeypatch):
                 "me/tiny-dmd2",
                 "--hub_token",
                 TOKEN,
+                "--report_to",
+                "tensorboard",
             )
         )
         files = hub.repos["me/tiny-dmd2"]["files"]
@@ -351,9 +355,16 @@ def test_push_to_hub_against_a_stand_in_server(tmp_path, monkeypatch):
     assert "transformer/diffusion_pytorch_model.safetensors" in files
     assert not any(f.startswith(("checkpoint-", "logs/", "cache/")) for f in files)
     assert files["README.md"] == (out / "README.md").read_bytes()
+    # The token given on the command line reaches no file: tensorboard's hparams (event file
+    # and hparams.yml), checkpoints, logs, the card.
+    assert list((out / "logs" / "dmd2").glob("*/hparams.yml"))
+    leaked = [str(p) for p in out.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    assert leaked == []
 
 
-def test_failed_upload_keeps_the_output_and_says_so(tmp_path):
+def test_unreachable_hub_stops_the_run_before_training(tmp_path):
+    # The login is checked before the teacher loads (the failed *upload* and its retry
+    # command: tests/test_hub_training.py).
     model = save_tiny_sd3(tmp_path / "model")
     recipe = write_recipe(tmp_path / "recipe.yaml", "student_update_freq: 2\n")
     out = tmp_path / "out"
@@ -370,10 +381,6 @@ def test_failed_upload_keeps_the_output_and_says_so(tmp_path):
             str(write_prompts(tmp_path / "p.jsonl")),
             "--output_dir",
             str(out),
-            "--height",
-            "16",
-            "--width",
-            "24",
             "--max_train_steps",
             "1",
             "--report_to",
@@ -389,10 +396,10 @@ def test_failed_upload_keeps_the_output_and_says_so(tmp_path):
         env=env,
         cwd=tmp_path,
     )
-    assert result.returncode == 1
-    assert "me/x" in result.stderr and "intact" in result.stderr
+    assert result.returncode == 2
+    assert "no valid Hugging Face login" in result.stderr and "127.0.0.1:9" in result.stderr
     assert "Traceback" not in result.stderr
-    assert (out / "transformer" / "config.json").is_file() and (out / "README.md").is_file()
+    assert not (out / "cache").exists() and not (out / "transformer").exists()
 
 
 # -- bad input ----------------------------------------------------------------------------------

@@ -106,11 +106,13 @@ class TrainingArguments:
     teacher_validation_steps: int
     report_to: str
     logging_dir: str
+    tracker_project_name: str
     # Hub
     push_to_hub: bool
     hub_model_id: str | None
     hub_token: str | None
     hub_private: bool
+    push_checkpoints_to_hub: bool
 
     @property
     def layout(self) -> str:
@@ -408,6 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument(
         "--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir."
     )
+    logs.add_argument(
+        "--tracker_project_name",
+        type=str,
+        default="dmd2",
+        help="Project name of the trackers (the wandb project, the tensorboard sub-folder).",
+    )
 
     hub = parser.add_argument_group("Hub")
     hub.add_argument(
@@ -419,12 +427,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--hub_model_id",
         type=str,
         default=None,
-        help="Repository id (default: the output folder's name).",
+        help="Repository id, namespace/name (default: the output folder's name under the "
+        "login's namespace). The login and the repo are checked before the teacher loads.",
     )
     hub.add_argument(
-        "--hub_token", type=str, default=None, help="Hub token (default: the logged-in one)."
+        "--hub_token",
+        type=str,
+        default=None,
+        help="Hub token (default: HF_TOKEN or the cached `hf auth login`, preferred: a token on "
+        "the command line can leak; refused with --report_to wandb).",
     )
     hub.add_argument("--hub_private", action="store_true", help="Create a private repository.")
+    hub.add_argument(
+        "--push_checkpoints_to_hub",
+        action="store_true",
+        help="With --push_to_hub: also upload each completed checkpoint's weights (safetensors, "
+        "no optimizer state) to a checkpoint-<N>/ folder of the repo; a failed upload warns "
+        "and training goes on.",
+    )
     return parser
 
 

@@ -11,21 +11,25 @@ Example::
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 from ..ema import ema_weights
 from ..lora import AdapterRole
+from .console import print_student_location
 from .export import export_student
 from .parallel import full_state_dict
 from .state import Progress, Run, Teacher, Trainer, TrainingData
-from .validation import validate
+from .validation import final_image_paths, validate
 
-__all__ = ["finish"]
+__all__ = ["finish", "training_settings"]
 
 
 def finish(
     run: Run, teacher: Teacher, data: TrainingData, trainer: Trainer, progress: Progress
 ) -> None:
-    """Export, model card, final validation grid (if not drawn yet) and Hub upload."""
+    """Export, model card, final validation grid (if not drawn yet) and Hub upload (to the
+    repo ``setup_run`` created); the last line printed says where the student is and how to
+    load it."""
     accelerator, args = run.accelerator, run.args
     accelerator.wait_for_everyone()
     student = accelerator.unwrap_model(trainer.student)
@@ -42,8 +46,11 @@ def finish(
     if args.push_to_hub and run.is_main:
         from .hub import push_to_hub
 
-        repo_id = args.hub_model_id or run.output_dir.resolve().name
-        push_to_hub(run.output_dir, repo_id, token=args.hub_token, private=args.hub_private)
+        assert run.hub_repo_id is not None  # created by setup_run before the teacher loaded
+        push_to_hub(run.output_dir, run.hub_repo_id, token=args.hub_token, private=args.hub_private)
+    print_student_location(
+        run, teacher.family, lora=isinstance(student, AdapterRole), repo_id=run.hub_repo_id
+    )
 
 
 def _export(run: Run, teacher: Teacher, student, *, ema, gathered) -> None:
@@ -60,8 +67,13 @@ def _export(run: Run, teacher: Teacher, student, *, ema, gathered) -> None:
         ema=ema,
         state_dict=gathered,
     )
-    prompt_text = "; ".join(args.validation_prompts or [])
-    validation_dir = run.output_dir / "validation"
+    prompts = list(args.validation_prompts or [])
+    # One image per prompt, drawn by the final weights, each with its own prompt.
+    gallery = [
+        (str(path.relative_to(run.output_dir)), prompts[int(path.stem.split("-")[1])])
+        for path in final_image_paths(run.output_dir, len(prompts))
+    ]
+    height, width = args.size
     write_model_card(
         run.output_dir,
         base_model=args.pretrained_model_name_or_path,
@@ -71,10 +83,48 @@ def _export(run: Run, teacher: Teacher, student, *, ema, gathered) -> None:
         t_list=run.t_list,
         sample_type=cfg.student_sample_type,
         lora=isinstance(student, AdapterRole),
-        repo_id=args.hub_model_id,
+        repo_id=run.hub_repo_id,
         pipeline_kwargs=family.stock_pipeline_kwargs(run.t_list),
-        validation_images=[
-            (str(p.relative_to(run.output_dir)), prompt_text)
-            for p in sorted(validation_dir.glob("student-*.png"))
-        ],
+        validation_images=gallery,
+        extra=training_settings(run),
+        height=height,
+        width=width,
+        num_frames=args.num_frames if family.is_video else None,
     )
+
+
+def _dataset_name(name: str) -> str:
+    # A local dataset is named by its file or folder name: the card leaves the machine.
+    path = Path(name)
+    return f"`{path.resolve().name}` (local)" if path.exists() else f"`{name}`"
+
+
+def training_settings(run: Run) -> dict[str, str | int | float]:
+    """The rows of the model card's "Training settings" table beyond the recipe's."""
+    args = run.args
+    ranks = run.accelerator.num_processes
+    effective = args.train_batch_size * ranks * args.gradient_accumulation_steps
+    rows: dict[str, str | int | float] = {
+        "iterations": args.max_train_steps,
+        "student learning rate": args.learning_rate,
+        "fake-score learning rate": args.fake_score_learning_rate or args.learning_rate,
+    }
+    if run.cfg.gan_loss_weight_gen > 0:
+        rows["discriminator learning rate"] = args.discriminator_learning_rate or args.learning_rate
+    rows["learning-rate schedule"] = f"{args.lr_scheduler}, {args.lr_warmup_steps} warm-up"
+    rows["effective batch"] = (
+        f"{effective} ({args.train_batch_size} per device x {ranks} process(es) x "
+        f"{args.gradient_accumulation_steps} accumulation)"
+    )
+    rows["mixed precision"] = run.accelerator.mixed_precision
+    rows["layout"] = f"`{args.layout}`"
+    if args.use_lora:
+        rows["LoRA rank / alpha"] = f"{args.rank} / {args.lora_alpha or args.rank:g}"
+    height, width = args.size
+    rows["resolution"] = f"{width}x{height}" + (
+        f", {args.num_frames} frames" if args.num_frames else ""
+    )
+    data = args.dataset_name or args.train_data_dir
+    if data:
+        rows["dataset"] = _dataset_name(data)
+    return rows

@@ -1,8 +1,14 @@
 """Upload of an exported student folder to the Hugging Face Hub.
 
-The folder is checked first (model card, weights, scheduler config): an incomplete export is
+:func:`prepare_hub_repo` runs before the teacher loads: it checks the login (``whoami``) and
+creates the repo, so a bad token or a refused repo stops the run at once (a
+:class:`~fastgen_diffusers.training.errors.UserError`), not after hours of training. The export
+is checked before the upload (model card, weights, scheduler config): an incomplete export is
 refused before any request. Checkpoints, logs and temporary files stay local. A failed upload
-raises :class:`HubUploadError` and never touches the local files, so the push can be retried.
+raises :class:`HubUploadError` and never touches the local files; its message holds the command
+that retries the upload::
+
+    python -m fastgen_diffusers.training.hub OUTPUT_DIR --hub_model_id ID [--private]
 
 Example::
 
@@ -13,21 +19,35 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
+import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import HfApi
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
+
+from .errors import UserError
 
 __all__ = [
+    "CHECKPOINT_UPLOAD_PATTERNS",
     "DEFAULT_IGNORE_PATTERNS",
     "HubUploadError",
     "IncompleteOutputError",
     "check_output_complete",
+    "main",
+    "prepare_hub_repo",
+    "push_checkpoint",
     "push_to_hub",
+    "retry_command",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Training state and scratch files, relative to the output folder (fnmatch: `*` crosses `/`).
 DEFAULT_IGNORE_PATTERNS: tuple[str, ...] = (
@@ -151,10 +171,138 @@ def push_to_hub(
     except Exception as err:
         raise HubUploadError(
             f"Pushing {str(folder)!r} to repo {target!r} at {api.endpoint} failed while {step}; "
-            f"the local files at {str(folder)!r} are intact: fix the cause and call push_to_hub "
-            f"again. Cause: {type(err).__name__}: {err}",
+            f"the local files at {str(folder)!r} are intact. Cause: {type(err).__name__}: {err}\n"
+            "Fix the cause, then retry the upload with:\n  "
+            + retry_command(folder, target, private=private),
             repo_id=target,
             endpoint=api.endpoint,
             output_dir=folder,
         ) from err
     return str(info.commit_url)
+
+
+# What a checkpoint uploads with --push_checkpoints_to_hub: its weights in safetensors (and the
+# configs next to them), never optimizer states, RNG states or pickles.
+CHECKPOINT_UPLOAD_PATTERNS: tuple[str, ...] = ("*.safetensors", "*.json")
+
+
+def retry_command(output_dir: str | os.PathLike, repo_id: str, *, private: bool = False) -> str:
+    """The shell command that uploads ``output_dir`` to ``repo_id`` again (this module's
+    ``__main__``), with the folder as an absolute path so it runs from any directory."""
+    parts = ["python", "-m", "fastgen_diffusers.training.hub", str(Path(output_dir).resolve())]
+    parts += ["--hub_model_id", repo_id] + (["--private"] if private else [])
+    return shlex.join(parts)
+
+
+def _cause(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def prepare_hub_repo(args: Any, *, endpoint: str | None = None) -> str:
+    """Check the Hub login and create the repo (``exist_ok``) of ``--push_to_hub``, before any
+    model is loaded; returns the full repo id (``namespace/name``).
+
+    The repo is ``--hub_model_id`` (a bare name goes to the login's namespace), or, without
+    it, the output folder's name under the login's namespace. The token is ``--hub_token``,
+    else ``HF_TOKEN`` or the cached login. ``args`` is a
+    :class:`~fastgen_diffusers.training.args.TrainingArguments` (``hub_model_id``,
+    ``hub_token``, ``hub_private``, ``output_dir``).
+
+    Raises:
+        UserError: no valid login, a repo id the Hub cannot take, or a repo that cannot be
+            created or written; the message says what to fix. Nothing has been trained yet.
+    """
+    api = HfApi(endpoint=endpoint, token=args.hub_token)
+    where = f"the Hub at {api.endpoint}"
+    try:
+        user = api.whoami()
+    except Exception as err:
+        raise UserError(
+            f"--push_to_hub: no valid Hugging Face login for {where} ({_cause(err)}). Log in "
+            "with `hf auth login` or set HF_TOKEN to a token with write access, then run again"
+        ) from err
+    name = args.hub_model_id or Path(args.output_dir).resolve().name
+    repo_id = name if "/" in name else f"{user['name']}/{name}"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        flag = "--hub_model_id" if args.hub_model_id else "the --output_dir folder name"
+        raise UserError(
+            f"--push_to_hub: {flag} gives the repo id {repo_id!r}, which the Hub does not accept "
+            f"({err}); pass --hub_model_id namespace/name with letters, digits, '-', '_', '.'"
+        ) from err
+    try:
+        return api.create_repo(repo_id, exist_ok=True, private=args.hub_private).repo_id
+    except Exception as err:
+        raise UserError(
+            f"--push_to_hub: cannot create or write the repo {repo_id!r} on {where} "
+            f"({_cause(err)}); check that the token may write to that namespace, or pass another "
+            "--hub_model_id"
+        ) from err
+
+
+def push_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> str | None:
+    """Upload the weights of a completed checkpoint to the ``checkpoint-<N>/`` folder of
+    ``repo_id`` (files matching :data:`CHECKPOINT_UPLOAD_PATTERNS`); returns the commit URL.
+
+    Training goes on whatever happens here: a failure is logged as a warning and returns
+    ``None`` (the checkpoint stays on disk and the final push is unaffected).
+    """
+    folder = Path(checkpoint_dir)
+    try:
+        info = HfApi(endpoint=endpoint, token=token).upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            path_in_repo=folder.name,
+            allow_patterns=list(CHECKPOINT_UPLOAD_PATTERNS),
+            commit_message=f"Upload {folder.name}",
+        )
+    except Exception as err:
+        logger.warning(
+            "Uploading %s to %s failed (%s); training goes on and the checkpoint stays local",
+            folder,
+            repo_id,
+            _cause(err),
+        )
+        return None
+    return str(info.commit_url)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fastgen_diffusers.training.hub OUTPUT_DIR --hub_model_id ID [--private]``:
+    upload a finished export (the token comes from ``HF_TOKEN`` or the cached login)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fastgen_diffusers.training.hub",
+        description="Upload an exported DMD2 student (the --output_dir of train_dmd2.py) to the "
+        "Hub, without checkpoints, logs or the cache. Token: HF_TOKEN or `hf auth login`.",
+    )
+    parser.add_argument("output_dir", help="The training run's --output_dir.")
+    parser.add_argument("--hub_model_id", required=True, help="Repository id, namespace/name.")
+    parser.add_argument("--private", action="store_true", help="Create the repo private.")
+    parser.add_argument("--commit_message", default="Upload DMD2 student")
+    args = parser.parse_args(argv)
+    try:
+        url = push_to_hub(
+            args.output_dir,
+            args.hub_model_id,
+            private=args.private,
+            commit_message=args.commit_message,
+        )
+    except IncompleteOutputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except HubUploadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"Uploaded {args.output_dir} to {args.hub_model_id}: {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

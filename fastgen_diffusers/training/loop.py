@@ -27,6 +27,7 @@ from ..config import DMDConfig
 from ..loader import load_dmd_config
 from .args import TrainingArguments
 from .checkpointing import save_checkpoint
+from .console import print_run_summary
 from .finish import finish
 from .setup import (
     build_networks,
@@ -58,6 +59,7 @@ def train(args: TrainingArguments | argparse.Namespace) -> Path:
     trainer = make_trainer(run, build_networks(run, teacher))  # layout, DDP/FSDP2, optimizers
     progress = resume(run, trainer, len(data.samples))
     start_trackers(run)
+    print_run_summary(run, teacher, trainer, len(data.samples))
     if progress.step == 0:
         validate(run, teacher, data, trainer, 0, teacher_grid=True)
     bar = tqdm(
@@ -78,10 +80,11 @@ def train(args: TrainingArguments | argparse.Namespace) -> Path:
 
 
 def start_trackers(run: Run) -> None:
-    """The trackers named by ``--report_to``, with the run's arguments as their config."""
-    if run.is_main and run.args.report_to != "none":
-        config = {k: str(v) for k, v in run.args.public_dict().items()}
-        run.accelerator.init_trackers("dmd2", config=config)
+    """The trackers named by ``--report_to`` (project ``--tracker_project_name``), with the
+    run's arguments without secrets as their config (:mod:`.trackers`)."""
+    from .trackers import start_trackers as _start
+
+    _start(run)
 
 
 def train_step(
@@ -203,12 +206,21 @@ def _mean_over_ranks(run: Run, logs: dict[str, float]) -> dict[str, float]:
 def log_step(run: Run, logs: dict[str, float], step: int, bar: Any) -> None:
     """Progress bar, trackers, and ``logs/losses.jsonl`` (every iteration's losses as JSON
     lines: what a resumed run must reproduce)."""
+    # Each network's loss keeps its last value between its turns; the learning rate is the
+    # student's.
+    last = getattr(bar, "dmd2_last", {})
+    for key in ("student/total", "fake_score/total", "discriminator/total", "lr/student"):
+        if key in logs:
+            last[key] = logs[key]
+    bar.dmd2_last = last
+    labels = {
+        "student/total": "student",
+        "fake_score/total": "fake",
+        "discriminator/total": "disc",
+        "lr/student": "lr",
+    }
     bar.set_postfix(
-        {
-            k.split("/")[-1] if k.endswith("total") else k: f"{v:.4g}"
-            for k, v in logs.items()
-            if k.endswith("total")
-        }
+        {label: f"{last[key]:.4g}" for key, label in labels.items() if key in last}, refresh=False
     )
     run.accelerator.log(logs, step=step)
     if run.is_main:
@@ -222,10 +234,14 @@ def maybe_checkpoint(run: Run, trainer: Trainer, step: int) -> None:
     """A checkpoint every ``--checkpointing_steps`` iterations (the last one is the export)."""
     args = run.args
     if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
-        save_checkpoint(
+        path = save_checkpoint(
             run.accelerator,
             run.output_dir,
             step,
             args.checkpoints_total_limit,
             per_rank_state={"ema": trainer.ema_per_rank},
         )
+        if args.push_checkpoints_to_hub and run.hub_repo_id and run.is_main:
+            from .hub import push_checkpoint
+
+            push_checkpoint(path, run.hub_repo_id, token=args.hub_token)

@@ -128,6 +128,7 @@ def render_usage_snippet(
     lora: bool,
     pipeline_kwargs: Mapping[str, Any],
     prompt: str = _DEFAULT_PROMPT,
+    base_model_note: str | None = None,
 ) -> str:
     """Python source that runs the student in the stock diffusers pipeline.
 
@@ -136,6 +137,7 @@ def render_usage_snippet(
     from ``repo``'s ``scheduler/`` subfolder and call the pipeline with ``pipeline_kwargs``
     written as literals. ``family`` is a :class:`~fastgen_diffusers.plugins.base.Family` or a
     registered family name; ``pipeline_class_name`` defaults to the family's pipeline.
+    ``base_model_note`` becomes a comment on the ``base_model`` line.
     """
     family = _resolve_family(family)
     pipeline_class_name = pipeline_class_name or family.pipeline_class.__name__
@@ -153,7 +155,7 @@ def render_usage_snippet(
         lines.append(f"from diffusers.utils import {', '.join(utils)}")
     lines += [
         "",
-        f"base_model = {base_model!r}",
+        f"base_model = {base_model!r}" + (f"  # {base_model_note}" if base_model_note else ""),
         f"student = {repo!r}",
         "",
         "# The scheduler config makes the pipeline visit the student's timesteps.",
@@ -251,10 +253,29 @@ def _recipe_rows(
     return rows
 
 
+def _local_base(base_model: str, repo_id: str | None) -> tuple[str, str | None]:
+    """The base model as the card names it, and a note for the snippet: a Hub id as given; a
+    local folder as an absolute path in a local card, by its folder name only in a card for
+    the Hub (which must not carry the paths of the training machine)."""
+    if not os.path.exists(base_model):
+        return base_model, None
+    if repo_id is None:
+        return str(Path(base_model).resolve()), None
+    name = Path(base_model).resolve().name
+    return name, f"trained from a local folder named {name!r}: put its Hub id or path here"
+
+
+def _requirements(lora: bool, video: bool) -> str:
+    extras = ["peft"] if lora else []
+    extras += ["imageio", "imageio-ffmpeg"] if video else []
+    return "pip install -U diffusers transformers accelerate" + "".join(f" {e}" for e in extras)
+
+
 def _description(
     *,
     base_model: str,
     repo: str,
+    repo_id: str | None,
     family: Family,
     recipe_name: str,
     recipe: DMDConfig,
@@ -268,11 +289,12 @@ def _description(
 ) -> str:
     steps = len(t_list) - 1
     kind = "LoRA adapter" if lora else "full transformer"
-    base = (
-        f"[{base_model}](https://huggingface.co/{base_model})"
-        if _hub_id(base_model)
-        else f"`{base_model}`"
-    )
+    on_hub = _hub_id(base_model) is not None
+    base_model, base_note = _local_base(base_model, repo_id)
+    if os.path.exists(recipe_name):  # a recipe file: named, not located, in a card for the Hub
+        recipe_file = Path(recipe_name).resolve()
+        recipe_name = str(recipe_file) if repo_id is None else recipe_file.name
+    base = f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else f"`{base_model}`"
     parts = [
         f"A {steps}-step DMD2 student of {base}, "
         f"distilled with the `{recipe_name}` recipe (distribution matching distillation with "
@@ -294,10 +316,22 @@ def _description(
         lora=lora,
         pipeline_kwargs=pipeline_kwargs,
         prompt=next((w["text"] for w in widget if w["text"].strip()), _DEFAULT_PROMPT),
+        base_model_note=base_note,
     )
+    video = _task(family, pipeline_class_name) != "text-to-image"
+    needs = ["`peft` (LoRA loading)"] if lora else []
+    needs += ["`imageio` and `imageio-ffmpeg` (`export_to_video`)"] if video else []
     parts += [
         "",
         "## Use it with 🧨 diffusers",
+        "",
+        "Install diffusers with "
+        + (" and ".join(needs) if needs else "its usual dependencies")
+        + ":",
+        "",
+        "```bash",
+        _requirements(lora, video),
+        "```",
         "",
         f"The student runs in the stock `{pipeline_class_name}`. The scheduler shipped in "
         "`scheduler/scheduler_config.json` makes the pipeline visit the student's timesteps; "
@@ -322,11 +356,28 @@ def _description(
             f"the noise as drawn; pass `latents={_fmt(t_list[0])} * noise` for exactly the "
             "student's trajectory.",
         ]
-    rows = _recipe_rows(recipe, t_list, sample_type)
+    rows = [("teacher", f"`{base_model}`"), ("recipe", f"`{recipe_name}`")]
+    rows += _recipe_rows(recipe, t_list, sample_type)
     rows += [(str(k), v) for k, v in (extra or {}).items()]
-    parts += ["", "## Training details", "", "| | |", "|---|---|"]
+    parts += ["", "## Training settings", "", "| | |", "|---|---|"]
     parts += [f"| {name} | {_fmt(value)} |" for name, value in rows]
     return "\n".join(parts)
+
+
+def _license_fields(family: Family, base_model: str, license: str | None) -> dict[str, str]:
+    """The card's licence metadata: ``license`` when given, else the base model's."""
+    if license is not None:
+        return {"license": license}
+    fields = family.card_license(base_model)
+    readme = Path(base_model) / "README.md"
+    if not fields and readme.is_file():
+        data = ModelCard.load(readme).data
+        fields = {
+            key: str(getattr(data, key))
+            for key in ("license", "license_name", "license_link")
+            if getattr(data, key, None)
+        }
+    return fields
 
 
 def write_model_card(
@@ -345,6 +396,9 @@ def write_model_card(
     extra: Mapping[str, Any] | None = None,
     pipeline_kwargs: Mapping[str, Any] | None = None,
     license: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
 ) -> Path:
     """Write ``output_dir/README.md`` for the exported student; returns its path.
 
@@ -367,8 +421,11 @@ def write_model_card(
         extra: further ``name: value`` rows of the training-details table (steps, batch size...).
         pipeline_kwargs: call arguments of the snippet; default: the family's
             ``stock_pipeline_kwargs(t_list)``.
-        license: the card's license (usually the base model's); default: the family's
-            ``license_hint`` for ``base_model``, if any.
+        license: the card's license; default: the base model's, from the family's
+            ``card_license`` (e.g. FLUX.1-dev's non-commercial licence) or, for a local
+            ``base_model`` folder, its own ``README.md``; omitted when unknown.
+        height / width / num_frames: the trained size, added to the snippet's call so the
+            student runs at what it learnt.
     """
     from diffusers.utils.hub_utils import populate_model_card
 
@@ -391,9 +448,9 @@ def write_model_card(
         )
     if pipeline_kwargs is None:
         pipeline_kwargs = family.stock_pipeline_kwargs(t_list)
-    license_fields = (
-        {"license": license} if license is not None else family.card_license(base_model)
-    )
+    size = {"height": height, "width": width, "num_frames": num_frames}
+    pipeline_kwargs = {**pipeline_kwargs, **{k: v for k, v in size.items() if v is not None}}
+    license_fields = _license_fields(family, base_model, license)
 
     repo = repo_id if repo_id is not None else str(output_dir.resolve())
     widget = _widget(output_dir, validation_images)
@@ -401,6 +458,7 @@ def write_model_card(
     description = _description(
         base_model=base_model,
         repo=repo,
+        repo_id=repo_id,
         family=family,
         recipe_name=recipe_name,
         recipe=recipe,
@@ -425,9 +483,9 @@ def write_model_card(
         title=f"{repo_id or output_dir.name}: {len(t_list) - 1}-step DMD2 student",
         model_description=description,
     )
-    tags = ["diffusers", "dmd2", "distillation", "few-step", family.name, task]
-    if lora:
-        tags.append("lora")
+    tags = ["diffusers", "diffusers-training"]
+    tags += ["lora", "template:sd-lora"] if lora else []
+    tags += ["dmd2", "distillation", "few-step", family.name, task]
     card = populate_model_card(card, tags=tags)
     path = output_dir / "README.md"
     write_text_atomic(path, str(card))

@@ -35,8 +35,11 @@ from .cache import CacheSettings, build_cache
 from .checkpointing import checkpoint_step, load_per_rank_state, resolve_resume
 from .data import load_training_dataset
 from .data_order import ResumableRandomSampler
+from .errors import UserError
+from .hub import prepare_hub_repo
 from .parallel import load_pipeline, pipeline_to, prepare_networks
 from .state import Counter, Networks, Progress, Run, Teacher, Trainer, TrainingData
+from .trackers import check_trackers, requested_trackers
 
 __all__ = [
     "build_networks",
@@ -64,15 +67,18 @@ def to_device(
 
 
 def setup_run(args: TrainingArguments) -> Run:
-    """Accelerate, logging, a writable output folder, the seed and the recipe."""
+    """Accelerate, logging, a writable output folder, the seed and the recipe; the trackers'
+    packages and, with ``--push_to_hub``, the Hub login and repo are checked here, before
+    any model is loaded (:class:`~.errors.UserError` otherwise)."""
     output_dir = Path(args.output_dir)
+    check_trackers(args)
     # Accelerate only goes distributed on a CPU-only machine when told it is a CPU run
     # (otherwise each torchrun process would train alone, all writing to one folder).
     multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
         cpu=multi_process_cpu,
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=requested_trackers(args.report_to) or None,
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
         ),
@@ -90,7 +96,27 @@ def setup_run(args: TrainingArguments) -> Run:
     else:
         t_list = [cfg.sample_t_cfg.max_t, 0.0]
     weight_dtype = _WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
-    return Run(args, cfg, accelerator, output_dir, weight_dtype, t_list)
+    hub_repo_id = _prepare_hub(accelerator, args) if args.push_to_hub else None
+    return Run(args, cfg, accelerator, output_dir, weight_dtype, t_list, hub_repo_id)
+
+
+def _prepare_hub(accelerator: Accelerator, args: TrainingArguments) -> str:
+    """The Hub repo, checked and created by the main process; every rank gets its id or the
+    main process's error (so no rank waits for a run that will not start)."""
+    from accelerate.utils import broadcast_object_list
+
+    result: list[str | None] = [None, None]
+    if accelerator.is_main_process:
+        try:
+            result[0] = prepare_hub_repo(args)
+        except UserError as err:
+            result[1] = str(err)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(result, from_process=0)
+    if result[1] is not None:
+        raise UserError(result[1])
+    assert result[0] is not None
+    return result[0]
 
 
 def _check_writable(output_dir: Path) -> None:

@@ -43,6 +43,7 @@ class Run:
     output_dir: Path
     weight_dtype: torch.dtype  # the frozen weights' and the data's dtype (mixed precision)
     t_list: list[float]  # the student's rungs, ending at 0
+    hub_repo_id: str | None = None  # --push_to_hub: the repo, created before the teacher loads
 
     @property
     def device(self) -> torch.device:

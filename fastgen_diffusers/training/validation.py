@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,13 +24,14 @@ from PIL import Image
 from torch import nn
 
 from ..ema import ema_weights
+from ..io import atomic_path
 from ..plugins.common import flow_match_sigmas
 from ..sampling import sample_student, sample_teacher
 
 if TYPE_CHECKING:
     from .state import Run, Teacher, Trainer, TrainingData
 
-__all__ = ["image_grid", "sample_images", "teacher_sigmas", "validate"]
+__all__ = ["final_image_paths", "image_grid", "sample_images", "teacher_sigmas", "validate"]
 
 # Validation draws each prompt with these seeds (offsets from --seed).
 _NUM_SEEDS = 2
@@ -172,15 +174,66 @@ def validate(
 def _save_grids(
     run: Run, teacher: Teacher, grids: dict[str, torch.Tensor], step: int, rows: int
 ) -> None:
+    """Write each grid (video: also an animated GIF of it), and at the last iteration one
+    student image per prompt (``validation/final-<i>.png``, ``.gif`` for video: the model
+    card's gallery); log every draw to the trackers."""
+    from .trackers import log_validation
+
     folder = run.output_dir / "validation"
     folder.mkdir(parents=True, exist_ok=True)
+    prompts = list(run.args.validation_prompts or [])
+    fps = teacher.family.video_fps or 16
     for name, latents in grids.items():
         with torch.no_grad():
-            images = teacher.family.decode(teacher.pipe, latents.to(run.weight_dtype))
+            images = teacher.family.decode(teacher.pipe, latents.to(run.weight_dtype)).float()
         grid = image_grid(images, rows=rows)
-        grid.save(folder / f"{name}-{step:06d}.png")
-        for tracker in run.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.log_images(
-                    {f"validation/{name}": np.asarray(grid)[None]}, step=step, dataformats="NHWC"
-                )
+        _save_image(grid, folder / f"{name}-{step:06d}.png")
+        video = None
+        if images.ndim == 5:
+            video = _save_gif(
+                [image_grid(images[:, :, f], rows) for f in range(images.shape[2])],
+                folder / f"{name}-{step:06d}.gif",
+                fps,
+            )
+        if name == "student" and step == run.args.max_train_steps:
+            per_prompt = len(images) // rows
+            for i in range(rows):  # the first seed of each prompt
+                sample = images[i * per_prompt : i * per_prompt + 1]
+                if sample.ndim == 5:
+                    frames = [image_grid(sample[:, :, f], 1) for f in range(sample.shape[2])]
+                    _save_gif(frames, folder / f"final-{i}.gif", fps)
+                else:
+                    _save_image(image_grid(sample, 1), folder / f"final-{i}.png")
+        still = images[:, :, images.shape[2] // 2] if images.ndim == 5 else images
+        log_validation(run, name, still, step, grid=grid, prompts=prompts, video=video)
+
+
+def final_image_paths(output_dir: str | Path, num_prompts: int) -> list[Path]:
+    """The per-prompt images the last validation wrote (``validation/final-<i>.png`` or
+    ``.gif``), in prompt order; prompts without one are skipped."""
+    folder = Path(output_dir) / "validation"
+    found = []
+    for i in range(num_prompts):
+        for ext in ("png", "gif"):
+            if (folder / f"final-{i}.{ext}").is_file():
+                found.append(folder / f"final-{i}.{ext}")
+                break
+    return found
+
+
+def _save_image(image: Image.Image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def _save_gif(frames: list[Image.Image], path: Path, fps: int) -> Path:
+    with atomic_path(path) as tmp:
+        frames[0].save(
+            tmp,
+            format="GIF",
+            save_all=True,
+            append_images=frames[1:],
+            duration=max(int(1000 / fps), 20),
+            loop=0,
+        )
+    return path
