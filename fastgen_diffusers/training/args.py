@@ -597,7 +597,13 @@ def _split_commas(names: list[str] | None) -> list[str] | None:
     """``["to_q,to_k", "to_v"]`` -> ``["to_q", "to_k", "to_v"]`` (both forms are accepted)."""
     if names is None:
         return None
-    return [part.strip() for name in names for part in name.split(",")]
+    parts = [part.strip() for name in names for part in name.split(",")]
+    if not all(parts):
+        raise UserError(
+            f"--lora_target_modules {' '.join(names)!r} holds an empty name",
+            expected="module-name suffixes such as to_q to_k (or to_q,to_k)",
+        )
+    return parts
 
 
 def parse_args(argv: list[str] | None = None) -> TrainingArguments:
@@ -612,10 +618,10 @@ def parse_args(argv: list[str] | None = None) -> TrainingArguments:
             f"give --dataset_name or --train_data_dir, not both (got {args.dataset_name!r} and "
             f"{args.train_data_dir!r})"
         )
-    args.lora_target_modules = _split_commas(args.lora_target_modules)
     if args.validation_prompts == []:
         args.validation_prompts = None
     try:
+        args.lora_target_modules = _split_commas(args.lora_target_modules)
         check_arguments(args)
         args.recipe_overrides = parse_recipe_overrides(args.recipe_overrides)
     except ValueError as err:
