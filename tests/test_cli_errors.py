@@ -417,7 +417,7 @@ def test_train_dmd2_script_exits_2_with_one_error_line(files, tmp_path):
     }
     cases = [
         (["--adam_beta1", "1.5"], "--adam_beta1 1.5"),  # argparse
-        (["--recipe", str(files["typo"])], "'guidance_scal'"),  # preflight
+        # preflight, after reading the recipe, the teacher's configs and the dataset
         (["--pretrained_model_name_or_path", "nobody/no-such-model"], "'nobody/no-such-model'"),
     ]
     procs = [
