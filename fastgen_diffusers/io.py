@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -40,6 +41,20 @@ __all__ = [
 ]
 
 TMP_PREFIX = ".tmp-"
+
+
+def _named(error: BaseException, path: Path) -> BaseException:
+    """A full-disk ``OSError`` raised by a write (which names no file) with ``path`` named, so
+    the message says where space ran out; any other error unchanged."""
+    if (
+        isinstance(error, OSError)
+        and error.errno in (errno.ENOSPC, errno.EDQUOT)
+        and not error.filename
+    ):
+        named = OSError(error.errno, os.strerror(error.errno), str(path))
+        named.__cause__ = error
+        return named
+    return error
 
 
 def _sibling(path: Path, tag: str) -> Path:
@@ -75,8 +90,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             raise FileNotFoundError(f"nothing was written to {tmp} for {path}")
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        named = _named(err, path)
+        if named is not err:
+            raise named from err
         raise
 
 
@@ -199,8 +217,11 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = True) -> Iter
     tmp.mkdir()  # umask permissions, unlike mkdtemp's 0700
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        named = _named(err, path)
+        if named is not err:
+            raise named from err
         raise
     try:
         commit_directory(tmp, path, overwrite=overwrite)

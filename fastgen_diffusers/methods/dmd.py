@@ -385,6 +385,13 @@ class DMDPipeline(DistillationPipeline):
             **model_kwargs: forwarded verbatim to student, teacher and fake score.
         """
         self._check_inputs(latents, noise)
+        if guidance_scale is not None and not guidance_scale >= 1.0:
+            # The config's rule (DistillationConfig.guidance_scale >= 1): DMD2's CFG is
+            # cond + (s - 1)(cond - uncond), so s < 1 pushes away from the prompt.
+            raise ValueError(
+                f"guidance_scale={guidance_scale} must be >= 1 (1.0 = conditional only) or None "
+                "for the config's value"
+            )
         scale = guidance_scale if guidance_scale is not None else self.config.guidance_scale
         negative_kwargs = {**model_kwargs, **(negative_model_kwargs or {})}
         if (

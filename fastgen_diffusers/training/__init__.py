@@ -3,9 +3,10 @@ checkpoints and exact resume, validation, export, model card, Hub upload.
 
 Example::
 
-    from fastgen_diffusers.training import parse_args, train
+    from fastgen_diffusers.training import main, parse_args, train
 
-    train(parse_args())
+    train(parse_args())  # raises on any error
+    sys.exit(main())     # the command line: a user's mistake is one line and status 2
 """
 
 from __future__ import annotations
@@ -13,13 +14,25 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["TrainingArguments", "build_parser", "load_recipe", "parse_args", "train"]
+__all__ = [
+    "TrainingArguments",
+    "UserError",
+    "build_parser",
+    "load_recipe",
+    "main",
+    "parse_args",
+    "preflight",
+    "train",
+]
 
 _LOCATIONS = {
     "TrainingArguments": "args",
     "build_parser": "args",
     "parse_args": "args",
     "load_recipe": "loop",
+    "main": "cli",
+    "preflight": "preflight",
+    "UserError": "errors",
     "train": "loop",
 }
 

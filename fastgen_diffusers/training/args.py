@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from ..loader import builtin_recipes
 from ..lora import LAYOUTS
+from .errors import UserError
 
 __all__ = [
     "SECRET_ARGUMENTS",
     "TrainingArguments",
     "build_parser",
+    "check_arguments",
     "parse_args",
     "parse_recipe_overrides",
 ]
@@ -70,7 +74,9 @@ class TrainingArguments:
     height: int | None
     width: int | None
     num_frames: int | None
+    embedding_cache_dir: str | None
     cache_dir: str | None
+    allow_absolute_media_paths: bool
     # training
     output_dir: str
     seed: int
@@ -139,12 +145,49 @@ class TrainingArguments:
         return dataclasses.replace(self, **changes)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's default in its help (unless the text already says what the default is, or
+    there is none), and the epilog kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, [], argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class _ListRecipes(argparse.Action):
+    """``--list_recipes``: print the built-in recipes and exit (no other flag needed)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any):
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print("\n".join(builtin_recipes()))
+        parser.exit(0)
+
+
+def _epilog() -> str:
+    recipes = "\n".join(f"  {name}" for name in builtin_recipes()) or "  (none installed)"
+    return f"built-in recipes (--recipe NAME, or a path to a YAML file):\n{recipes}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=(
             "DMD2 step distillation of a diffusers teacher (Wan, SD3, Flux, Qwen-Image) into a "
             "1-4 step student that runs in the stock diffusers pipeline."
-        )
+        ),
+        epilog=_epilog(),
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument(
+        "--list_recipes", action=_ListRecipes, help="Print the built-in recipes and exit."
     )
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -255,10 +298,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="Frames per video sample (video families; default: the pipeline's).",
     )
     data.add_argument(
-        "--cache_dir",
+        "--embedding_cache_dir",
         type=str,
         default=None,
         help="Where the prompt embeddings and latents are cached (default: <output_dir>/cache).",
+    )
+    data.add_argument(
+        "--cache_dir",
+        type=str,
+        default=None,
+        help="Hugging Face download cache for the teacher and the dataset, as in the diffusers "
+        "examples (default: the Hugging Face cache, HF_HOME).",
+    )
+    data.add_argument(
+        "--allow_absolute_media_paths",
+        action="store_true",
+        help="Let a local dataset's image/video column name absolute paths anywhere on this "
+        "machine. Without it every media path must resolve inside the dataset's folder; a Hub "
+        "dataset never reads local files outside its own download.",
     )
 
     train = parser.add_argument_group("training")
@@ -362,8 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         nargs="*",
         default=None,
-        help="Module-name suffixes to adapt (default: the family's attention "
-        "projections and feed-forwards).",
+        help="Module-name suffixes to adapt, space- or comma-separated (to_q to_k, or "
+        "to_q,to_k; default: the family's attention projections and feed-forwards).",
     )
 
     logs = parser.add_argument_group("checkpoints, validation, logging")
@@ -383,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume_from_checkpoint",
         type=str,
         default=None,
-        help="A checkpoint folder, or 'latest' for the newest complete one in --output_dir.",
+        help="A checkpoint folder, a checkpoint name in --output_dir (checkpoint-500), or "
+        "'latest' for the newest complete one there (none yet: start from scratch).",
     )
     logs.add_argument(
         "--validation_prompts",
@@ -465,29 +523,126 @@ def parse_recipe_overrides(items: list[str]) -> dict[str, Any]:
     return result
 
 
-def parse_args(argv: list[str] | None = None) -> TrainingArguments:
-    """Parse and check ``argv`` (default: ``sys.argv[1:]``); a bad flag exits with a message."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.dataset_name is None and args.train_data_dir is None:
-        parser.error("give --dataset_name or --train_data_dir")
-    positive = [
+def _require(ok: bool, flag: str, value: Any, expected: str, fix: str | None = None) -> None:
+    if not ok:
+        raise UserError(f"{flag} {value!r} is out of range", expected=expected, fix=fix)
+
+
+def check_arguments(args: TrainingArguments | argparse.Namespace) -> None:
+    """Check every flag whose valid values are known without reading a file; raises
+    :class:`~fastgen_diffusers.training.errors.UserError` naming the flag, its value and what
+    was expected."""
+    at_least_one = [
         "train_batch_size",
         "max_train_steps",
         "gradient_accumulation_steps",
         "checkpointing_steps",
         "validation_steps",
+        "teacher_validation_steps",
         "rank",
         "resolution",
     ]
-    for name in positive:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
-    if args.max_grad_norm < 0:
-        parser.error(f"--max_grad_norm must be >= 0, got {args.max_grad_norm}")
+    optional_at_least_one = [
+        "max_train_samples",
+        "checkpoints_total_limit",
+        "height",
+        "width",
+        "num_frames",
+        "max_sequence_length",
+    ]
+    for name in at_least_one + optional_at_least_one:
+        value = getattr(args, name)
+        if value is None and name in optional_at_least_one:
+            continue
+        if value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
+    if args.lr_warmup_steps < 0:
+        raise UserError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2**32), got {args.seed}")
+    for name in ("learning_rate", "fake_score_learning_rate", "discriminator_learning_rate"):
+        value = getattr(args, name)
+        if value is not None:
+            _require(math.isfinite(value) and value > 0, f"--{name}", value, "a value > 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(args, name)
+        _require(0 <= value < 1, f"--{name}", value, "a value in [0, 1)")
+    _require(
+        math.isfinite(args.adam_epsilon) and args.adam_epsilon > 0,
+        "--adam_epsilon",
+        args.adam_epsilon,
+        "a value > 0 (AdamW divides by it)",
+    )
+    _require(
+        math.isfinite(args.adam_weight_decay) and args.adam_weight_decay >= 0,
+        "--adam_weight_decay",
+        args.adam_weight_decay,
+        "a value >= 0",
+    )
+    _require(
+        math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0,
+        "--max_grad_norm",
+        args.max_grad_norm,
+        "a value >= 0 (0 disables clipping)",
+    )
+    _require(0 <= args.lora_dropout < 1, "--lora_dropout", args.lora_dropout, "a value in [0, 1)")
+    if args.lora_alpha is not None:
+        _require(args.lora_alpha > 0, "--lora_alpha", args.lora_alpha, "a value > 0")
+    if args.flux_guidance is not None:
+        _require(
+            math.isfinite(args.flux_guidance) and args.flux_guidance >= 0,
+            "--flux_guidance",
+            args.flux_guidance,
+            "a value >= 0 (FLUX.1-dev: 3.5)",
+        )
+    for i, prompt in enumerate(args.validation_prompts or []):
+        if not prompt.strip():
+            raise UserError(
+                f"--validation_prompts: prompt {i + 1} of {len(args.validation_prompts)} is "
+                f"empty ({prompt!r})",
+                expected="non-empty prompts",
+                fix="remove it or write a prompt",
+            )
+    for name in args.lora_target_modules or []:
+        if not name:
+            raise UserError(
+                f"--lora_target_modules {args.lora_target_modules!r} holds an empty name",
+                expected="module-name suffixes such as to_q to_k (or to_q,to_k)",
+            )
+    if args.hub_model_id is not None and not args.hub_model_id.strip():
+        raise UserError("--hub_model_id is empty", expected="a repository id such as me/student")
+
+
+def _split_commas(names: list[str] | None) -> list[str] | None:
+    """``["to_q,to_k", "to_v"]`` -> ``["to_q", "to_k", "to_v"]`` (both forms are accepted)."""
+    if names is None:
+        return None
+    parts = [part.strip() for name in names for part in name.split(",")]
+    if not all(parts):
+        raise UserError(
+            f"--lora_target_modules {' '.join(names)!r} holds an empty name",
+            expected="module-name suffixes such as to_q to_k (or to_q,to_k)",
+        )
+    return parts
+
+
+def parse_args(argv: list[str] | None = None) -> TrainingArguments:
+    """Parse and check ``argv`` (default: ``sys.argv[1:]``); a bad flag exits with status 2 and
+    a message naming it."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dataset_name is None and args.train_data_dir is None:
+        parser.error("give --dataset_name or --train_data_dir")
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        parser.error(
+            f"give --dataset_name or --train_data_dir, not both (got {args.dataset_name!r} and "
+            f"{args.train_data_dir!r})"
+        )
+    if args.validation_prompts == []:
+        args.validation_prompts = None
     try:
+        args.lora_target_modules = _split_commas(args.lora_target_modules)
+        check_arguments(args)
         args.recipe_overrides = parse_recipe_overrides(args.recipe_overrides)
     except ValueError as err:
         parser.error(str(err))

@@ -62,6 +62,7 @@ from .data import (
     _media_column,
     _pixels,
 )
+from .errors import UserError
 
 __all__ = ["CacheSettings", "CachedDataset", "EmbeddingCache", "build_cache", "cache_fingerprint"]
 
@@ -383,7 +384,10 @@ class CachedDataset(torch.utils.data.Dataset):
         index_file = self.path / INDEX_FILE
         if not index_file.is_file():
             raise FileNotFoundError(f"{self.path} is not an embedding cache (no {INDEX_FILE})")
-        index = json.loads(index_file.read_text(encoding="utf-8"))
+        try:
+            index = json.loads(index_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise self._damaged(index_file, err) from err
         if index.get("format") != CACHE_FORMAT_VERSION:
             raise ValueError(
                 f"cache {self.path} has format {index.get('format')!r}; expected "
@@ -397,9 +401,35 @@ class CachedDataset(torch.utils.data.Dataset):
         self._shards: list[dict[str, Any]] = index["shards"]
         self._starts = [shard["start"] for shard in self._shards]
         self.negative: dict[str, torch.Tensor] | None = (
-            load_file(str(self.path / NEGATIVE_FILE)) if index["negative"] else None
+            self._read_negative() if index["negative"] else None
         )
         self._handles: dict[int, Any] = {}
+        for shard in range(len(self._shards)):  # headers only: a truncated shard fails here
+            self._handle(shard)
+
+    def _damaged(self, file: Path, err: BaseException) -> UserError:
+        return UserError(
+            f"the embedding cache file {str(file)!r} is damaged ({err})",
+            fix=f"delete the cache folder {str(self.path)!r}; the next run rebuilds it",
+        )
+
+    def _read_negative(self) -> dict[str, torch.Tensor]:
+        file = self.path / NEGATIVE_FILE
+        try:
+            return load_file(str(file))
+        except Exception as err:  # safetensors' own error, or an OSError
+            raise self._damaged(file, err) from err
+
+    def _handle(self, shard: int) -> Any:
+        handle = self._handles.get(shard)
+        if handle is None:
+            file = self.path / self._shards[shard]["file"]
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except Exception as err:
+                raise self._damaged(file, err) from err
+            self._handles[shard] = handle
+        return handle
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -411,10 +441,7 @@ class CachedDataset(torch.utils.data.Dataset):
         index %= n
         shard = bisect_right(self._starts, index) - 1
         offset = index - self._starts[shard]
-        handle = self._handles.get(shard)
-        if handle is None:
-            handle = safe_open(str(self.path / self._shards[shard]["file"]), framework="pt")
-            self._handles[shard] = handle
+        handle = self._handle(shard)
 
         def read(name: str) -> torch.Tensor:
             return handle.get_slice(name)[offset : offset + 1][0]

@@ -22,15 +22,19 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
+
+from .errors import UserError
 
 __all__ = [
+    "ALPHA_BACKGROUND",
     "IMAGE_COLUMN",
     "PROMPT_COLUMN",
     "VIDEO_COLUMN",
     "load_image",
     "load_training_dataset",
     "load_video",
+    "to_rgb",
     "preprocess_image",
     "preprocess_video",
     "select_training_columns",
@@ -65,6 +69,7 @@ def load_training_dataset(
     cache_dir: str | os.PathLike | None = None,
     max_train_samples: int | None = None,
     split: str = "train",
+    allow_absolute_paths: bool = False,
 ) -> datasets.Dataset:
     """Load the training data as a :class:`datasets.Dataset` with normalised columns.
 
@@ -78,7 +83,10 @@ def load_training_dataset(
     students also need images (``image_column``) or videos (``video_column``: file paths, folders
     of frame images, or decoded frames). Without either, a single column of type
     ``datasets.Image`` / ``datasets.Video`` is picked up by itself. Relative media paths in a
-    local file resolve against that file's folder.
+    local file resolve against that file's folder, and every media path must resolve (symlinks
+    followed) inside the dataset's folder: ``../secret.png`` is refused, and so is an absolute
+    path unless ``allow_absolute_paths`` (local datasets only). A Hub dataset reads no local
+    file outside its own download.
 
     The result has the columns ``prompt`` and, with media, ``image`` or ``video``; other columns
     are dropped. ``max_train_samples`` keeps the first rows (deterministic, so the cache can be
@@ -131,6 +139,9 @@ def load_training_dataset(
         video_column=video_column,
         source=source,
         base_dir=base_dir,
+        allow_absolute_paths=allow_absolute_paths,
+        local=base_dir is not None,
+        cache_dir=cache_dir,
     )
 
 
@@ -165,11 +176,17 @@ def select_training_columns(
     video_column: str | None = None,
     source: str | None = None,
     base_dir: str | os.PathLike | None = None,
+    allow_absolute_paths: bool = False,
+    local: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> datasets.Dataset:
     """Keep the caption and media columns of ``dataset``, renamed ``prompt``, ``image``, ``video``.
 
     For datasets built another way than :func:`load_training_dataset`. Checks that every caption
-    is a string; ``base_dir`` makes relative media paths (string columns) absolute.
+    is a string; ``base_dir`` makes relative media paths (string columns) absolute and is the
+    folder every media path must stay inside (``allow_absolute_paths``: absolute paths may point
+    anywhere). ``local=False`` (a Hub dataset): media must be embedded or inside the Hugging
+    Face caches (``cache_dir`` or the default ones); file paths in a string column are refused.
     """
     columns = list(dataset.column_names)
     where = f" of {source!r}" if source else ""
@@ -224,20 +241,93 @@ def select_training_columns(
                 f"row {row}{where}: caption {text!r} in column {caption_column!r} is not a string"
             )
 
-    if media is not None and base_dir is not None:
-        feature = dataset.features[media[1]]
-        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
-            dataset = dataset.map(
-                _absolute_path, fn_kwargs={"column": media[1], "base_dir": os.fspath(base_dir)}
-            )
+    if media is not None and (base_dir is not None or not local):
+        dataset = _contain_media_paths(
+            dataset,
+            media[1],
+            where=where,
+            base_dir=None if base_dir is None else os.fspath(base_dir),
+            allow_absolute=allow_absolute_paths and local,
+            cache_dir=cache_dir,
+        )
     return dataset
 
 
-def _absolute_path(example: dict[str, Any], column: str, base_dir: str) -> dict[str, Any]:
-    value = example[column]
-    if isinstance(value, str) and value and not os.path.isabs(value) and "://" not in value:
-        example[column] = os.path.join(base_dir, value)
-    return example
+# -- media paths stay inside the dataset ---------------------------------------------------------
+
+
+def _inside(path: str, root: str) -> bool:
+    real = os.path.realpath(path)
+    return os.path.commonpath([real, root]) == root
+
+
+def _hub_roots(cache_dir: str | os.PathLike | None) -> list[str]:
+    from huggingface_hub import constants
+
+    roots = [datasets.config.HF_DATASETS_CACHE, constants.HF_HUB_CACHE]
+    if cache_dir is not None:
+        roots.append(cache_dir)
+    return [os.path.realpath(os.fspath(r)) for r in roots]
+
+
+def _contain_media_paths(
+    dataset: datasets.Dataset,
+    column: str,
+    *,
+    where: str,
+    base_dir: str | None,
+    allow_absolute: bool,
+    cache_dir: str | os.PathLike | None,
+) -> datasets.Dataset:
+    """Relative paths of a string column joined to ``base_dir``; every path (string column, or
+    an undecoded ``datasets.Image`` / ``Video`` without bytes) checked to resolve inside the
+    dataset's folder ``base_dir`` (local) or the Hugging Face caches (Hub, ``base_dir=None``).
+    Refused: ``UserError`` naming the row and the path."""
+    feature = dataset.features[column]
+    is_string = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    is_media = isinstance(feature, (datasets.Image, datasets.Video))
+    if not (is_string or is_media):
+        return dataset
+    local = base_dir is not None
+    roots = [os.path.realpath(base_dir)] if base_dir is not None else _hub_roots(cache_dir)
+    if is_media:
+        # Paths of the undecoded column through Arrow: embedded bytes never become Python objects.
+        table = dataset.select_columns([column]).with_format("arrow")[:]
+        struct = table.column(column).combine_chunks()
+        paths, embedded = struct.field("path").to_pylist(), struct.field("bytes").is_valid()
+        values = [None if has else p for p, has in zip(paths, embedded.to_pylist())]
+    else:
+        values = list(dataset[column])
+    joined: list[Any] = []
+    for row, value in enumerate(values):
+        if not isinstance(value, str) or not value or "://" in value:
+            joined.append(value)  # embedded media, or a URL (never fetched: decoding names it)
+            continue
+        if is_string and not local:
+            raise UserError(
+                f"row {row}{where}: the media column holds the file path {value!r}; a Hub "
+                "dataset's media are read from the dataset itself, never from local files",
+                fix="store the images in an Image / Video column of the dataset",
+            )
+        path = value
+        if is_string and not os.path.isabs(path) and base_dir is not None:
+            path = os.path.join(base_dir, path)
+        if os.path.isabs(value) and allow_absolute:
+            joined.append(path)
+            continue
+        if not any(_inside(path, root) for root in roots):
+            inside = f"inside {roots[0]!r}" if local else "inside the downloaded dataset"
+            raise UserError(
+                f"row {row}{where}: media path {value!r} resolves to "
+                f"{os.path.realpath(path)!r}, outside the dataset",
+                expected=f"paths {inside}",
+                fix="move the file into the dataset's folder"
+                + (", or pass --allow_absolute_media_paths for absolute paths" if local else ""),
+            )
+        joined.append(path)
+    if is_string and joined != values:
+        dataset = dataset.map(lambda example, index: {column: joined[index]}, with_indices=True)
+    return dataset
 
 
 def _media_column(dataset: datasets.Dataset) -> str | None:
@@ -283,9 +373,47 @@ def _array_to_image(value: Any) -> Image.Image:
     return Image.fromarray(array)
 
 
+# Background that transparent pixels are composited onto. White, as an image viewer or a web page
+# shows a cut-out (product shots, logos); dropping the alpha channel instead would show whatever
+# colour the transparent pixels happen to store (often black or noise).
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, correct for every PIL mode.
+
+    16-bit and 32-bit grayscale (``I;16*``, ``I``) are scaled to 8 bits (``v / 257``: 65535 ->
+    255; PIL's own ``convert`` clips them, so any mid-gray 16-bit value turns white); float
+    grayscale (``F``) in [0, 1] is scaled by 255, otherwise clipped to [0, 255]. Transparent
+    images (``RGBA``, ``LA``, ``PA``, palette or grayscale with a transparency entry) are
+    composited onto :data:`ALPHA_BACKGROUND`. ``CMYK``, ``YCbCr``, ``LAB``, palette and 1-bit
+    images go through PIL's conversion.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I") or mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and array.max(initial=0) > 255):
+            array = array / 257.0
+        elif mode == "F" and array.max(initial=0) <= 1.0:
+            array = array * 255.0
+        gray = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(value: Any, *, row: int | None = None) -> Image.Image:
     """One image as RGB PIL: a PIL image, a path, ``{"path", "bytes"}`` (what ``datasets.Image``
-    gives undecoded) or uint8 pixels. Errors name ``row`` and the file."""
+    gives undecoded) or uint8 pixels. EXIF orientation applied and every mode converted
+    correctly (:func:`to_rgb`), through ``diffusers.utils.load_image``. Errors name ``row`` and
+    the file."""
+    from diffusers.utils import load_image as diffusers_load_image
+
     try:
         if isinstance(value, Image.Image):
             image = value
@@ -295,12 +423,12 @@ def load_image(value: Any, *, row: int | None = None) -> Image.Image:
                 raise ValueError("neither bytes nor a path")
             image = Image.open(io.BytesIO(data) if data is not None else path)
         elif isinstance(value, (str, os.PathLike)):
-            image = Image.open(value)
+            image = Image.open(value)  # local files only: a URL is refused, never fetched
         else:
             image = _array_to_image(value)
         image.load()
-        image = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
-        return image if image.mode == "RGB" else image.convert("RGB")
+        # diffusers' loader: EXIF orientation (phone photos), then our mode conversion.
+        return diffusers_load_image(image, convert_method=to_rgb)
     except Exception as error:
         at = f"row {row}: " if row is not None else ""
         raise ValueError(f"{at}cannot read image {_describe(value)}: {error}") from error

@@ -21,23 +21,23 @@ import logging
 import math
 import os
 from pathlib import Path
+from pickle import UnpicklingError
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from safetensors import SafetensorError
 
-from ..loader import load_dmd_config
 from ..lora import AdapterRole, LoraSettings, build_dmd_networks, enable_gradient_checkpointing
 from ..methods import DMDPipeline
-from ..plugins import family_from_pretrained
 from .args import TrainingArguments
 from .cache import CacheSettings, build_cache
 from .checkpointing import checkpoint_step, load_per_rank_state, resolve_resume
-from .data import load_training_dataset
 from .data_order import ResumableRandomSampler
 from .errors import UserError
 from .hub import prepare_hub_repo
 from .parallel import load_pipeline, pipeline_to, prepare_networks
+from .preflight import load_dataset_checked, needs_media, preflight, resume_target, teacher_family
 from .state import Counter, Networks, Progress, Run, Teacher, Trainer, TrainingData
 from .trackers import check_trackers, requested_trackers
 
@@ -53,6 +53,16 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# What torch / safetensors / pickle raise on a truncated or foreign checkpoint file.
+_DAMAGED_FILE_ERRORS = (
+    RuntimeError,
+    OSError,
+    EOFError,
+    ValueError,
+    SafetensorError,
+    UnpicklingError,
+)
+
 _WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -67,9 +77,11 @@ def to_device(
 
 
 def setup_run(args: TrainingArguments) -> Run:
-    """Accelerate, logging, a writable output folder, the seed and the recipe; the trackers'
-    packages and, with ``--push_to_hub``, the Hub login and repo are checked here, before
-    any model is loaded (:class:`~.errors.UserError` otherwise)."""
+    """The checks that need no weights (:func:`~.preflight.preflight`: flags, recipe, teacher
+    configs, sizes, dataset, checkpoint, a writable output folder; the trackers' packages;
+    with ``--push_to_hub`` the Hub login and repo), then accelerate, logging, the seed and the
+    recipe. A mistake raises :class:`~.errors.UserError` before any model is loaded."""
+    checked = preflight(args)  # first: a mistake costs seconds, not a teacher load
     output_dir = Path(args.output_dir)
     check_trackers(args)
     # Accelerate only goes distributed on a CPU-only machine when told it is a CPU run
@@ -87,10 +99,8 @@ def setup_run(args: TrainingArguments) -> Run:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
     )
-    if accelerator.is_main_process:
-        _check_writable(output_dir)
     set_seed(args.seed)
-    cfg = load_dmd_config(args.recipe, overrides=args.recipe_overrides)
+    cfg = checked.cfg
     if cfg.student_sample_steps > 1:
         t_list = list(cfg.sample_t_cfg.t_list)
     else:
@@ -119,23 +129,11 @@ def _prepare_hub(accelerator: Accelerator, args: TrainingArguments) -> str:
     return result[0]
 
 
-def _check_writable(output_dir: Path) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"--output_dir {str(output_dir)!r} is not writable: {err}") from err
-
-
 def load_teacher(run: Run) -> Teacher:
     """The teacher's pipeline on the device (under FSDP2 only rank 0 reads the weights) and
     the per-sample latent shape at the requested size."""
     args = run.args
-    family = family_from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, guidance=args.flux_guidance
-    )
+    family = teacher_family(args)
     pipe = load_pipeline(
         run.accelerator,
         family,
@@ -143,42 +141,23 @@ def load_teacher(run: Run) -> Teacher:
         revision=args.revision,
         variant=args.variant,
         torch_dtype=run.weight_dtype,
+        cache_dir=args.cache_dir,
     )
     pipeline_to(pipe, run.device)
     height, width = args.size
-    latent_shape = family.latent_shape(pipe, height, width, num_frames=args.num_frames)
+    try:
+        latent_shape = family.latent_shape(pipe, height, width, num_frames=args.num_frames)
+    except ValueError as err:  # what the preflight's config reading could not foresee
+        raise UserError(f"--height/--width/--resolution/--num_frames: {err}") from err
     return Teacher(family, pipe, latent_shape)
-
-
-def _needs_media(run: Run) -> bool:
-    """Whether the recipe trains on real latents: the GAN branch, or a multi-step student
-    that starts from noised data rather than its own backward simulation."""
-    cfg = run.cfg
-    return cfg.gan_loss_weight_gen > 0 or (
-        cfg.student_sample_steps > 1 and not cfg.backward_simulation
-    )
 
 
 def cache_data(run: Run, teacher: Teacher) -> TrainingData:
     """Prompt embeddings (and latents, when the recipe needs them) computed once and cached;
     the text encoders are freed afterwards."""
     args, family, pipe = run.args, teacher.family, teacher.pipe
-    dataset = load_training_dataset(
-        args.dataset_name,
-        args.dataset_config_name,
-        args.train_data_dir,
-        caption_column=args.caption_column,
-        image_column=args.image_column,
-        video_column=args.video_column,
-        max_train_samples=args.max_train_samples,
-    )
-    needs_media = _needs_media(run)
-    if needs_media and not {"image", "video"} & set(dataset.column_names):
-        raise ValueError(
-            "This recipe needs real images/videos (GAN branch, or a multi-step student without "
-            "backward_simulation), but the dataset has prompts only: give a dataset with "
-            "images (--image_column) or videos (--video_column), or change the recipe"
-        )
+    dataset = load_dataset_checked(args)  # checked by the preflight; `datasets` caches it
+    with_media = needs_media(run.cfg)
     height, width = args.size
     settings = CacheSettings(
         model=args.pretrained_model_name_or_path,
@@ -191,7 +170,7 @@ def cache_data(run: Run, teacher: Teacher) -> TrainingData:
         max_sequence_length=args.max_sequence_length,
         dtype=str(run.weight_dtype),
         negative_prompt=args.negative_prompt,
-        needs_media=needs_media,
+        needs_media=with_media,
     )
 
     def encode_prompts(prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -203,14 +182,16 @@ def cache_data(run: Run, teacher: Teacher) -> TrainingData:
         with torch.no_grad():
             return family.encode_media(pipe, pixels.to(run.device, run.weight_dtype)).cpu()
 
-    cache_dir = Path(args.cache_dir) if args.cache_dir else run.output_dir / "cache"
+    cache_dir = (
+        Path(args.embedding_cache_dir) if args.embedding_cache_dir else run.output_dir / "cache"
+    )
     with run.accelerator.main_process_first():
         samples = build_cache(
             dataset,
             settings,
             cache_dir=cache_dir,
             encode_prompts=encode_prompts,
-            encode_media=encode_media if needs_media else None,
+            encode_media=encode_media if with_media else None,
             batch_size=max(args.train_batch_size, 4),
         )
         prompts = args.validation_prompts or []
@@ -323,10 +304,17 @@ def resume(run: Run, trainer: Trainer, num_samples: int) -> Progress:
     # Building the networks draws differently per rank (weights on the meta device draw
     # nothing): the training stream starts from the seed again, alike on every rank.
     set_seed(run.args.seed)
-    path = resolve_resume(run.args.resume_from_checkpoint, run.output_dir)
+    path = resolve_resume(resume_target(run.args), run.output_dir)
     if path is not None:
-        accelerator.load_state(str(path))
-        load_per_rank_state(accelerator, path, {"ema": trainer.ema_per_rank})
+        try:
+            accelerator.load_state(str(path))
+            load_per_rank_state(accelerator, path, {"ema": trainer.ema_per_rank})
+        except _DAMAGED_FILE_ERRORS as err:
+            # Truncated or foreign files (the preflight checks headers only).
+            raise UserError(
+                f"cannot resume from {str(path)!r}: {err}",
+                fix="resume from another checkpoint, or delete this one",
+            ) from err
         logger.info("Resumed from %s at iteration %d", path, checkpoint_step(path))
     elif run.args.resume_from_checkpoint == "latest":
         logger.info("No complete checkpoint in %s: starting from scratch", run.output_dir)
