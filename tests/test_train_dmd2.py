@@ -381,6 +381,8 @@ def test_unreachable_hub_stops_the_run_before_training(tmp_path):
             str(write_prompts(tmp_path / "p.jsonl")),
             "--output_dir",
             str(out),
+            "--resolution",
+            "32",
             "--max_train_steps",
             "1",
             "--report_to",
