@@ -106,6 +106,7 @@ class TrainingArguments:
     teacher_validation_steps: int
     report_to: str
     logging_dir: str
+    allow_resume_changes: bool
     # Hub
     push_to_hub: bool
     hub_model_id: str | None
@@ -407,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     logs.add_argument(
         "--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir."
+    )
+    logs.add_argument(
+        "--allow_resume_changes",
+        action="store_true",
+        help="Resume even when the recipe, layout, family, model or global batch differ from "
+        "the checkpoint's run.json (the differences are printed); without it they are refused.",
     )
 
     hub = parser.add_argument_group("Hub")
