@@ -111,7 +111,7 @@ class ExponentialMovingAverage:
         for name, param in self.tracked_parameters(model):
             shadow = self._params[name]
             if is_dtensor(param) and shadow.shape != param.shape:
-                dt = cast(DTensor, param)
+                dt = param
                 out[name] = DTensor.from_local(
                     shadow,
                     dt.device_mesh,
@@ -127,7 +127,7 @@ class ExponentialMovingAverage:
     @staticmethod
     def local_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``state`` with each DTensor replaced by this rank's local part."""
-        return {k: cast(DTensor, v).to_local() if is_dtensor(v) else v for k, v in state.items()}
+        return {k: v.to_local() if is_dtensor(v) else v for k, v in state.items()}
 
     # -- schedule ---------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import TMP_PREFIX, commit_directory, remove_directory, write_json_atomic
+from ..io import TMP_PREFIX, atomic_file, commit_directory, remove_directory, write_json_atomic
 from .state import Progress, Run, Trainer
 
 __all__ = [
@@ -203,10 +203,10 @@ def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "python": [version, list(internal), gauss],
         "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state().tolist(),
+        "torch": bytes(torch.get_rng_state().tolist()).hex(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
+        state["cuda"] = bytes(torch.cuda.get_rng_state().tolist()).hex()
     return state
 
 
@@ -215,12 +215,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    torch.set_rng_state(torch.tensor(list(bytes.fromhex(state["torch"])), dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+        torch.cuda.set_rng_state(
+            torch.tensor(list(bytes.fromhex(state["cuda"])), dtype=torch.uint8)
+        )
 
 
 # -- saving ---------------------------------------------------------------------------------------
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _barrier(run: Run) -> None:
@@ -252,6 +258,7 @@ def save_checkpoint(
     dcp.save(
         tensors,
         storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=True),
+        no_dist=not _distributed(),
     )
     if run.is_main:
         ema = trainer.dmd.ema
@@ -269,7 +276,8 @@ def save_checkpoint(
             "ema": None if ema is None else {"initialized": ema.initialized},
             "rng": _rng_state(),
         }
-        write_json_atomic(tmp / TRAINER_STATE, trainer_state)
+        with atomic_file(tmp / TRAINER_STATE) as f:  # compact: RNG states are long lists
+            json.dump(trainer_state, f, separators=(",", ":"))
         if run_record is not None:
             write_json_atomic(tmp / "run.json", run_record)
     _barrier(run)
@@ -389,7 +397,11 @@ def load_checkpoint(run: Run, trainer: Trainer, progress: Progress, path: str | 
     ema = trainer.dmd.ema
     ema_tensors = ema.checkpoint_tensors(networks["student"]) if ema is not None else {}
     tensors.update({f"ema/{k}": v for k, v in ema_tensors.items()})
-    dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(path / STATE_DIR)))
+    dcp.load(
+        tensors,
+        storage_reader=dcp.HuggingFaceStorageReader(str(path / STATE_DIR)),
+        no_dist=not _distributed(),
+    )
     for role in networks:
         _load_optimizer(
             role,
