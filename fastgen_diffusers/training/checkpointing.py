@@ -397,11 +397,17 @@ def load_checkpoint(run: Run, trainer: Trainer, progress: Progress, path: str | 
     ema = trainer.dmd.ema
     ema_tensors = ema.checkpoint_tensors(networks["student"]) if ema is not None else {}
     tensors.update({f"ema/{k}": v for k, v in ema_tensors.items()})
-    dcp.load(
-        tensors,
-        storage_reader=dcp.HuggingFaceStorageReader(str(path / STATE_DIR)),
-        no_dist=not _distributed(),
-    )
+    try:
+        dcp.load(
+            tensors,
+            storage_reader=dcp.HuggingFaceStorageReader(str(path / STATE_DIR)),
+            no_dist=not _distributed(),
+        )
+    except dcp.api.CheckpointException as err:
+        reasons = {str(v[0] if isinstance(v, tuple) else v) for v in err.failures.values()}
+        raise ValueError(
+            f"{path / STATE_DIR} cannot be read as this run's checkpoint: {'; '.join(reasons)}"
+        ) from err
     for role in networks:
         _load_optimizer(
             role,
