@@ -93,6 +93,42 @@ class ExponentialMovingAverage:
         parameters): save and restore it on every rank."""
         return self._sharded
 
+    @property
+    def initialized(self) -> bool:
+        """Whether the shadows hold an average (an update at or after ``start_iter`` ran, or a
+        state was loaded)."""
+        return self._initialized
+
+    def checkpoint_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The shadow state in a form that does not depend on the number of ranks: a
+        ``local_shard`` shadow is returned as a DTensor over this rank's shard, with the
+        tracked parameter's mesh, placements and global shape (saving it with
+        ``torch.distributed.checkpoint`` writes one global tensor); every other shadow as it is.
+        The tensors alias the shadows, so loading into them in place restores the EMA (then
+        call :meth:`load_state_dict` with :meth:`local_tensors` of them to check and mark it).
+        """
+        out: dict[str, torch.Tensor] = dict(self._buffers)
+        for name, param in self.tracked_parameters(model):
+            shadow = self._params[name]
+            if is_dtensor(param) and shadow.shape != param.shape:
+                dt = param
+                out[name] = DTensor.from_local(
+                    shadow,
+                    dt.device_mesh,
+                    dt.placements,
+                    run_check=False,
+                    shape=dt.shape,
+                    stride=dt.stride(),
+                )
+            else:
+                out[name] = shadow
+        return out
+
+    @staticmethod
+    def local_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` with each DTensor replaced by this rank's local part."""
+        return {k: v.to_local() if is_dtensor(v) else v for k, v in state.items()}
+
     # -- schedule ---------------------------------------------------------------------------
 
     def beta(self, iteration: int) -> float:

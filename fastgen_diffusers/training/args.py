@@ -113,6 +113,7 @@ class TrainingArguments:
     report_to: str
     logging_dir: str
     tracker_project_name: str
+    allow_resume_changes: bool
     # Hub
     push_to_hub: bool
     hub_model_id: str | None
@@ -473,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         default="dmd2",
         help="Project name of the trackers (the wandb project, the tensorboard sub-folder).",
+    )
+    logs.add_argument(
+        "--allow_resume_changes",
+        action="store_true",
+        help="Resume even when the recipe, layout, family, model or global batch differ from "
+        "the checkpoint's run.json (the differences are printed); without it they are refused.",
     )
 
     hub = parser.add_argument_group("Hub")

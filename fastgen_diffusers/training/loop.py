@@ -29,6 +29,7 @@ from .args import TrainingArguments
 from .checkpointing import save_checkpoint
 from .console import print_run_summary
 from .finish import finish
+from .run_record import RUN_RECORD
 from .setup import (
     build_networks,
     cache_data,
@@ -38,6 +39,7 @@ from .setup import (
     setup_run,
     to_device,
 )
+from .signals import StopRequest
 from .state import Progress, Run, Teacher, Trainer, TrainingData
 from .validation import validate
 
@@ -57,7 +59,7 @@ def train(args: TrainingArguments | argparse.Namespace) -> Path:
     teacher = load_teacher(run)  # the diffusers pipeline and its family
     data = cache_data(run, teacher)  # embeddings and latents, encoders freed
     trainer = make_trainer(run, build_networks(run, teacher))  # layout, DDP/FSDP2, optimizers
-    progress = resume(run, trainer, len(data.samples))
+    progress = resume(run, trainer, len(data.samples), family=teacher.family.name)
     start_trackers(run)
     print_run_summary(run, teacher, trainer, len(data.samples))
     if progress.step == 0:
@@ -69,12 +71,24 @@ def train(args: TrainingArguments | argparse.Namespace) -> Path:
         disable=not run.is_main,
         desc="DMD2",
     )
-    for _ in bar:
-        logs = train_step(run, teacher, data, trainer, progress)
-        log_step(run, logs, progress.step, bar)
-        maybe_checkpoint(run, trainer, progress.step)
-        if progress.step % args.validation_steps == 0:
-            validate(run, teacher, data, trainer, progress.step)
+    with StopRequest() as stop:
+        for _ in bar:
+            logs = train_step(run, teacher, data, trainer, progress)
+            log_step(run, logs, progress.step, bar)
+            stopping = stop.agreed(run.accelerator)
+            maybe_checkpoint(run, trainer, progress, force=stopping)
+            if stopping:
+                bar.close()
+                if run.is_main:
+                    print(
+                        f"{stop.signal_name or 'stop signal'} received: saved "
+                        f"checkpoint-{progress.step}; resume with --resume_from_checkpoint latest",
+                        flush=True,
+                    )
+                run.accelerator.end_training()
+                return run.output_dir
+            if progress.step % args.validation_steps == 0:
+                validate(run, teacher, data, trainer, progress.step)
     finish(run, teacher, data, trainer, progress)
     return run.output_dir
 
@@ -190,7 +204,11 @@ def _optimizer_step(run: Run, trainer: Trainer, role: str) -> None:
     elif max_norm > 0:
         accelerator.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
-    trainer.prepared.schedulers[role].step()
+    # One schedule step per update on any number of ranks (accelerate's wrapper steps once per
+    # process, which would tie the schedule, and a resumed one, to the rank count).
+    if not getattr(optimizer, "step_was_skipped", False):  # fp16: an overflow skips the update
+        scheduler = trainer.prepared.schedulers[role]
+        getattr(scheduler, "scheduler", scheduler).step()
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -230,16 +248,14 @@ def log_step(run: Run, logs: dict[str, float], step: int, bar: Any) -> None:
             f.write(json.dumps({"step": step, **logs}) + "\n")
 
 
-def maybe_checkpoint(run: Run, trainer: Trainer, step: int) -> None:
-    """A checkpoint every ``--checkpointing_steps`` iterations (the last one is the export)."""
-    args = run.args
-    if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
+def maybe_checkpoint(run: Run, trainer: Trainer, progress: Progress, force: bool = False) -> None:
+    """A checkpoint every ``--checkpointing_steps`` iterations, at the last iteration, and
+    when ``force`` (a stop signal)."""
+    args, step = run.args, progress.step
+    if force or step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+        record = json.loads((run.output_dir / RUN_RECORD).read_text()) if run.is_main else None
         path = save_checkpoint(
-            run.accelerator,
-            run.output_dir,
-            step,
-            args.checkpoints_total_limit,
-            per_rank_state={"ema": trainer.ema_per_rank},
+            run, trainer, progress, args.checkpoints_total_limit, run_record=record
         )
         if args.push_checkpoints_to_hub and run.hub_repo_id and run.is_main:
             from .hub import push_checkpoint

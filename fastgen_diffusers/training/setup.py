@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -32,12 +33,18 @@ from ..lora import AdapterRole, LoraSettings, build_dmd_networks, enable_gradien
 from ..methods import DMDPipeline
 from .args import TrainingArguments
 from .cache import CacheSettings, build_cache
-from .checkpointing import checkpoint_step, load_per_rank_state, resolve_resume
+from .checkpointing import (
+    load_checkpoint,
+    remove_stale_temporaries,
+    resolve_resume,
+    truncate_loss_log,
+)
 from .data_order import ResumableRandomSampler
 from .errors import UserError
 from .hub import prepare_hub_repo
-from .parallel import load_pipeline, pipeline_to, prepare_networks
+from .parallel import is_fsdp2, load_pipeline, pipeline_to, prepare_networks
 from .preflight import load_dataset_checked, needs_media, preflight, resume_target, teacher_family
+from .run_record import RUN_RECORD, check_resume, run_record, write_run_record
 from .state import Counter, Networks, Progress, Run, Teacher, Trainer, TrainingData
 from .trackers import check_trackers, requested_trackers
 
@@ -99,8 +106,17 @@ def setup_run(args: TrainingArguments) -> Run:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
     )
+    if accelerator.is_main_process:
+        # Before anything else writes: what killed runs left half-written.
+        caches = [Path(args.embedding_cache_dir)] if args.embedding_cache_dir else []
+        remove_stale_temporaries(output_dir, caches)
+    accelerator.wait_for_everyone()
     set_seed(args.seed)
     cfg = checked.cfg
+    if is_fsdp2(accelerator) and cfg.ema is not None and "mode" not in cfg.ema.model_fields_set:
+        # Under FSDP2 each rank averages its own shards (no all-gather per update); the export
+        # gathers the EMA once. A recipe's explicit ema.mode is kept.
+        cfg.ema.mode = "local_shard"
     if cfg.student_sample_steps > 1:
         t_list = list(cfg.sample_t_cfg.t_list)
     else:
@@ -289,33 +305,50 @@ def make_trainer(run: Run, networks: Networks) -> Trainer:
     # Noise and timesteps drawn for the global batch, this rank's rows kept: N ranks train on
     # exactly what one process would (every rank is seeded alike).
     dmd.draw_for_global_batch(run.accelerator.process_index, run.accelerator.num_processes)
-    if dmd.ema is not None and not prepared.fsdp2:
-        run.accelerator.register_for_checkpointing(dmd.ema)
-    # Under FSDP2 the EMA may hold per-rank shards: checkpointing.py saves it per rank.
-    return Trainer(prepared, dmd, dmd.ema if prepared.fsdp2 else None)
+    return Trainer(prepared, dmd)
 
 
-def resume(run: Run, trainer: Trainer, num_samples: int) -> Progress:
-    """The data order and iteration counter, registered with every checkpoint, restored from
-    ``--resume_from_checkpoint`` when given (the networks, optimizers and EMA too)."""
-    accelerator = run.accelerator
-    progress = Progress(ResumableRandomSampler(num_samples, seed=run.args.seed), Counter())
-    accelerator.register_for_checkpointing(progress.data_order, progress.counter)
+def resume(run: Run, trainer: Trainer, num_samples: int, family: str | None = None) -> Progress:
+    """The data order and iteration counter, restored with the networks, optimizers, schedules,
+    EMA and random generators from ``--resume_from_checkpoint`` when given (on any number of
+    ranks, the global batch unchanged). The checkpoint's ``run.json`` must match this run
+    (recipe, layout, family, model, global batch) unless ``--allow_resume_changes``. Writes this
+    run's ``run.json``; a resumed run's ``logs/losses.jsonl`` is cut back to the checkpoint."""
+    args, accelerator = run.args, run.accelerator
+    progress = Progress(ResumableRandomSampler(num_samples, seed=args.seed), Counter())
     # Building the networks draws differently per rank (weights on the meta device draw
     # nothing): the training stream starts from the seed again, alike on every rank.
-    set_seed(run.args.seed)
-    path = resolve_resume(resume_target(run.args), run.output_dir)
+    set_seed(args.seed)
+    record = run_record(run, family)
+    path = resolve_resume(resume_target(args), run.output_dir)
     if path is not None:
+        saved = path / RUN_RECORD
+        if not saved.is_file():
+            raise UserError(
+                f"{path} has no {RUN_RECORD}: it was not written by this version of the training "
+                "code and cannot be resumed",
+                fix="start a new run (another --output_dir), or resume from a newer checkpoint",
+            )
+        check_resume(
+            json.loads(saved.read_text()),
+            record,
+            checkpoint=path,
+            allow=args.allow_resume_changes,
+        )
         try:
-            accelerator.load_state(str(path))
-            load_per_rank_state(accelerator, path, {"ema": trainer.ema_per_rank})
+            step = load_checkpoint(run, trainer, progress, path)
         except _DAMAGED_FILE_ERRORS as err:
             # Truncated or foreign files (the preflight checks headers only).
             raise UserError(
                 f"cannot resume from {str(path)!r}: {err}",
                 fix="resume from another checkpoint, or delete this one",
             ) from err
-        logger.info("Resumed from %s at iteration %d", path, checkpoint_step(path))
-    elif run.args.resume_from_checkpoint == "latest":
+        if run.is_main:
+            truncate_loss_log(run.log_dir / "losses.jsonl", step)
+        logger.info("Resumed from %s at iteration %d", path, step)
+    elif args.resume_from_checkpoint == "latest":
         logger.info("No complete checkpoint in %s: starting from scratch", run.output_dir)
+    if run.is_main:
+        write_run_record(run.output_dir, record)
+    accelerator.wait_for_everyone()
     return progress

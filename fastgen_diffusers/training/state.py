@@ -22,7 +22,6 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..config import DMDConfig
-from ..ema import ExponentialMovingAverage
 from ..lora import DMDNetworks
 from ..methods import DMDPipeline
 from .args import TrainingArguments
@@ -101,7 +100,6 @@ class Trainer:
 
     prepared: PreparedNetworks
     dmd: DMDPipeline
-    ema_per_rank: ExponentialMovingAverage | None  # FSDP2: the EMA is saved per rank
 
     @property
     def student(self) -> nn.Module:
@@ -119,7 +117,7 @@ class Trainer:
 
 
 class Counter:
-    """The iteration counter, saved with every checkpoint."""
+    """The iteration counter, saved with every checkpoint (as JSON)."""
 
     def __init__(self) -> None:
         self.step = 0
