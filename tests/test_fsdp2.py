@@ -209,19 +209,32 @@ PREPARE_CHECK = textwrap.dedent(
     from fsdp2_harness import CPUFSDP2Accelerator
     from fastgen_diffusers.lora import LoraSettings, build_dmd_networks
     from fastgen_diffusers.training.families import family_from_pretrained
-    from fastgen_diffusers.training.parallel import load_pipeline, prepare_networks, unsharded_class
+    from fastgen_diffusers.training.parallel import (
+        load_pipeline, prepare_networks, take_host_transformer, unsharded_class
+    )
 
     layout, path = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
     acc = CPUFSDP2Accelerator(cpu=True)
     family = family_from_pretrained(path)
     pipe = load_pipeline(acc, family, path)
-    # Only rank 0 reads the weights; the other ranks hold an empty (meta) transformer.
-    on_meta = any(p.is_meta for p in pipe.transformer.parameters())
-    assert on_meta == (acc.process_index != 0), on_meta
+    # Every rank, rank 0 included, holds an empty (meta) transformer; rank 0 alone has read the
+    # weights, onto the host.
+    assert all(p.is_meta for p in pipe.transformer.parameters())
+    host = take_host_transformer(pipe)
+    assert (host is not None) == (acc.process_index == 0)
+    if host is not None:
+        assert all(p.device.type == "cpu" for p in host.parameters())
     teacher = family.wrap(pipe.transformer)
     teacher.requires_grad_(False)
-    nets = build_dmd_networks(teacher, layout, LoraSettings(rank=4))
+    source = family.wrap(host) if host is not None else None
+    nets = build_dmd_networks(teacher, layout, LoraSettings(rank=4), source=source)
+    del host, source
+    # No full-size network exists anywhere before sharding: all on the meta device.
+    for role in ("student", "fake_score", "teacher"):
+        net = getattr(nets, role)
+        held = list(getattr(net, "module", net).parameters())
+        assert held and all(p.is_meta for p in held), role
     disc = family.build_discriminator(nets.teacher)
     disc_init = {n: q.detach().clone() for n, q in disc.named_parameters()}
     prepared = prepare_networks(

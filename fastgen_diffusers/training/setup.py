@@ -20,11 +20,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
 from ..loader import load_dmd_config
 from ..lora import AdapterRole, LoraSettings, build_dmd_networks, enable_gradient_checkpointing
@@ -35,7 +36,13 @@ from .cache import CacheSettings, build_cache
 from .checkpointing import checkpoint_step, load_per_rank_state, resolve_resume
 from .data import load_training_dataset
 from .data_order import ResumableRandomSampler
-from .parallel import load_pipeline, pipeline_to, prepare_networks
+from .parallel import (
+    check_accelerate_options,
+    load_pipeline,
+    pipeline_to,
+    prepare_networks,
+    take_host_transformer,
+)
 from .state import Counter, Networks, Progress, Run, Teacher, Trainer, TrainingData
 
 __all__ = [
@@ -69,9 +76,12 @@ def setup_run(args: TrainingArguments) -> Run:
     # Accelerate only goes distributed on a CPU-only machine when told it is a CPU run
     # (otherwise each torchrun process would train alone, all writing to one folder).
     multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    if args.ddp_timeout < 1:
+        raise ValueError(f"--ddp_timeout must be >= 1 second, got {args.ddp_timeout}")
     accelerator = Accelerator(
         cpu=multi_process_cpu,
         mixed_precision=args.mixed_precision,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
@@ -81,6 +91,7 @@ def setup_run(args: TrainingArguments) -> Run:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
     )
+    check_accelerate_options(accelerator)
     if accelerator.is_main_process:
         _check_writable(output_dir)
     set_seed(args.seed)
@@ -104,8 +115,9 @@ def _check_writable(output_dir: Path) -> None:
 
 
 def load_teacher(run: Run) -> Teacher:
-    """The teacher's pipeline on the device (under FSDP2 only rank 0 reads the weights) and
-    the per-sample latent shape at the requested size."""
+    """The teacher's pipeline on the device (under FSDP2 the transformer stays on the meta
+    device and only the main process reads its weights, onto the host) and the per-sample
+    latent shape at the requested size."""
     args = run.args
     family = family_from_pretrained(
         args.pretrained_model_name_or_path, revision=args.revision, guidance=args.flux_guidance
@@ -200,6 +212,10 @@ def build_networks(run: Run, teacher: Teacher) -> Networks:
     args, family = run.args, teacher.family
     wrapped = family.wrap(teacher.pipe.transformer)
     wrapped.requires_grad_(False)
+    # Under FSDP2 the networks are built on the meta device on every rank; the main process's
+    # host copy of the teacher's weights gives their initial values, loaded after sharding.
+    source = take_host_transformer(teacher.pipe)
+    host = family.wrap(source) if source is not None else None
     lora = LoraSettings(
         rank=args.rank,
         alpha=args.lora_alpha,
@@ -207,7 +223,8 @@ def build_networks(run: Run, teacher: Teacher) -> Networks:
         init=args.lora_init,
         target_modules=args.lora_target_modules,
     )
-    nets = build_dmd_networks(wrapped, args.layout, lora)
+    nets = build_dmd_networks(wrapped, args.layout, lora, source=host)
+    del source, host
     for net in (nets.student, nets.fake_score):
         if isinstance(net, AdapterRole):  # adapters train in fp32 over a frozen low-precision base
             for p in net.parameters():
