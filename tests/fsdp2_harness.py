@@ -3,8 +3,8 @@
 accelerate enables FSDP only on accelerators: on a CPU-only machine it drops the FSDP plugin and
 runs plain data parallel. This harness (tests only) builds the FSDP2 plugin from the environment
 variables ``accelerate launch`` sets from an FSDP config file (mixed precision included: the
-README's config trains in bf16; ``--mixed_precision`` on the command line overrides it), lets the real
-``Accelerator.__init__`` run, and then switches accelerate's shared state to FSDP (both
+README's config trains in bf16; ``--mixed_precision`` on the command line overrides it), lets the
+real ``Accelerator.__init__`` run, and then switches accelerate's shared state to FSDP (both
 ``PartialState`` and ``AcceleratorState``: a later ``AcceleratorState()`` copies the former back).
 Everything after that is the real training code.
 
