@@ -81,7 +81,10 @@ class _DiTDiscriminator(nn.Module):
                     + f"], got shape {tuple(feat.shape)}"
                 )
             weight_dtype = next(head.parameters()).dtype
-            out = head(feat.to(weight_dtype))
+            # Computed in the heads' own dtype (fp32 in training): autocast would run the
+            # convolutions in bf16 whatever the weights are.
+            with torch.autocast(feat.device.type, enabled=False):
+                out = head(feat.to(weight_dtype))
             logits.append(out.flatten(1).mean(dim=1, keepdim=True))
         return torch.cat(logits, dim=1)
 

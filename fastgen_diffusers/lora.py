@@ -342,7 +342,11 @@ class DMDNetworks:
     """The three networks of one layout, ready for :class:`~fastgen_diffusers.DMDPipeline`.
 
     ``base`` is the model carrying both adapters in the ``shared_lora`` layout (move it to the
-    device, shard it, checkpoint it), else ``None``.
+    device, shard it, checkpoint it), else ``None``. ``initial_weights`` is set when the networks
+    were built on the meta device from a ``source`` (see :func:`build_dmd_networks`): for each
+    role (``"student"``, ``"fake_score"``, ``"teacher"``), the full state dict and buffers of the
+    model that holds the role's weights (the LoRA base for an adapter role), to load into it once
+    it is materialised or sharded.
     """
 
     student: nn.Module
@@ -350,43 +354,118 @@ class DMDNetworks:
     fake_score: nn.Module
     layout: str
     base: nn.Module | None = None
+    initial_weights: dict[str, dict[str, torch.Tensor]] | None = None
 
 
-def _frozen_copy(teacher: nn.Module) -> nn.Module:
-    clone = copy.deepcopy(teacher)
+def _frozen_copy(teacher: nn.Module, share_storage: bool = False) -> nn.Module:
+    clone = _storage_sharing_copy(teacher) if share_storage else copy.deepcopy(teacher)
     detach_feature_capture(clone)
     clone.requires_grad_(False)
     return clone
 
 
+def _storage_sharing_copy(module: nn.Module) -> nn.Module:
+    """A structural copy whose parameters and buffers are new tensor objects over the same
+    storage: no weight bytes are copied, and changing a copy's ``.data`` (``.to("meta")``,
+    ``.float()``) leaves ``module`` as it was."""
+    memo: dict[int, Any] = {}
+    for tensor in module.parameters():
+        memo[id(tensor)] = nn.Parameter(tensor.data, requires_grad=tensor.requires_grad)
+    for tensor in module.buffers():
+        memo[id(tensor)] = tensor.detach()
+    return copy.deepcopy(module, memo)
+
+
+def _role_base(net: nn.Module) -> nn.Module:
+    return net.module if isinstance(net, AdapterRole) else net
+
+
+def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_buffers()), **model.state_dict()}
+
+
 def build_dmd_networks(
-    teacher: nn.Module, layout: str = "full", lora: LoraSettings | None = None
+    teacher: nn.Module,
+    layout: str = "full",
+    lora: LoraSettings | None = None,
+    *,
+    source: nn.Module | None = None,
 ) -> DMDNetworks:
     """Build student, teacher and fake score from a loaded teacher in one of :data:`LAYOUTS`.
 
     Students and LoRA fake scores start equal to the teacher (copies, or zero-initialised
     LoRA). In ``shared_lora`` no copy is made: ``teacher`` itself becomes the shared base.
+
+    With ``teacher`` on the meta device (the sharded set-up: every rank builds empty networks,
+    nothing full-sized is allocated) the copies are meta copies. ``source``, on the one process
+    that read the weights, is the same model with its weights (e.g. on the host): the layout is
+    then also built over copies of ``source`` that share its storage (no weight bytes copied;
+    the adapters initialised exactly as without ``source``), and their weights are returned in
+    ``initial_weights``, to load into the meta networks after sharding
+    (:func:`~fastgen_diffusers.factory.load_from_rank0`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; expected one of {', '.join(LAYOUTS)}")
-    if layout == "full":
-        student = create_fake_score(teacher)  # a trainable deep copy, like the fake score
-        return DMDNetworks(student, teacher, create_fake_score(teacher), layout)
     lora = lora or LoraSettings()
+    on_meta = any(p.is_meta for p in teacher.parameters())
+    if source is not None and not on_meta:
+        raise ValueError("build_dmd_networks(source=...) expects the teacher on the meta device")
+    initial = None
+    if source is not None:
+        # Built first, with the random stream of a run without sharding (adapter initialisation).
+        host = _build(source, layout, lora, share_storage=True)
+        initial = {
+            role: _full_state(_role_base(getattr(host, role)))
+            for role in ("student", "fake_score", "teacher")
+        }
+    if on_meta:
+        # Adapters on the meta device still draw their (discarded) initial values: keep the
+        # random stream where the run without sharding has it.
+        with torch.random.fork_rng(devices=[]):
+            nets = _build(teacher, layout, lora, share_storage=False)
+        # peft puts a second adapter next to the first one's weights, not the base's: every
+        # network stays empty until its weights are loaded into its shards.
+        for role in ("student", "fake_score", "teacher"):
+            for module in _role_base(getattr(nets, role)).modules():
+                for name, param in list(module._parameters.items()):
+                    if param is not None and not param.is_meta:
+                        module._parameters[name] = nn.Parameter(
+                            param.to("meta"), requires_grad=param.requires_grad
+                        )
+    else:
+        nets = _build(teacher, layout, lora, share_storage=False)
+    nets.initial_weights = initial
+    return nets
+
+
+def _build(teacher: nn.Module, layout: str, lora: LoraSettings, share_storage: bool) -> DMDNetworks:
+    def trainable_copy(model: nn.Module) -> nn.Module:
+        if not share_storage:
+            return create_fake_score(model)  # a trainable deep copy
+        return create_fake_score(_frozen_copy(model, share_storage=True), deep_copy=False)
+
+    def frozen_copy(model: nn.Module) -> nn.Module:
+        return _frozen_copy(model, share_storage=share_storage)
+
+    if layout == "full":
+        student = trainable_copy(teacher)
+        return DMDNetworks(student, teacher, trainable_copy(teacher), layout)
     if layout == "student_lora":
-        base = add_adapters(_frozen_copy(teacher), lora, [STUDENT_ADAPTER])
+        base = add_adapters(frozen_copy(teacher), lora, [STUDENT_ADAPTER])
         return DMDNetworks(
-            AdapterRole(base, STUDENT_ADAPTER), teacher, create_fake_score(teacher), layout
+            AdapterRole(base, STUDENT_ADAPTER), teacher, trainable_copy(teacher), layout
         )
     if layout == "separate_lora":
-        student_base = add_adapters(_frozen_copy(teacher), lora, [STUDENT_ADAPTER])
-        fake_base = add_adapters(_frozen_copy(teacher), lora, [FAKE_SCORE_ADAPTER])
+        student_base = add_adapters(frozen_copy(teacher), lora, [STUDENT_ADAPTER])
+        fake_base = add_adapters(frozen_copy(teacher), lora, [FAKE_SCORE_ADAPTER])
         return DMDNetworks(
             AdapterRole(student_base, STUDENT_ADAPTER),
             teacher,
             AdapterRole(fake_base, FAKE_SCORE_ADAPTER),
             layout,
         )
+    if share_storage:  # the source itself stays as it was read
+        teacher = frozen_copy(teacher)
     add_adapters(teacher, lora, [STUDENT_ADAPTER, FAKE_SCORE_ADAPTER])
     return DMDNetworks(
         AdapterRole(teacher, STUDENT_ADAPTER),

@@ -2,8 +2,9 @@
 
 accelerate enables FSDP only on accelerators: on a CPU-only machine it drops the FSDP plugin and
 runs plain data parallel. This harness (tests only) builds the FSDP2 plugin from the environment
-variables ``accelerate launch`` sets from an FSDP config file, lets the real
-``Accelerator.__init__`` run, and then switches accelerate's shared state to FSDP (both
+variables ``accelerate launch`` sets from an FSDP config file (mixed precision included: the
+README's config trains in bf16; ``--mixed_precision`` on the command line overrides it), lets the
+real ``Accelerator.__init__`` run, and then switches accelerate's shared state to FSDP (both
 ``PartialState`` and ``AcceleratorState``: a later ``AcceleratorState()`` copies the former back).
 Everything after that is the real training code.
 
@@ -30,13 +31,16 @@ CONFIG = ROOT / "examples" / "accelerate" / "fsdp2_8gpu.yaml"
 
 
 def fsdp_env_from_config(config_file: str | os.PathLike) -> dict[str, str]:
-    """The ``FSDP_*`` environment ``accelerate launch --config_file config_file`` sets."""
+    """What ``accelerate launch --config_file config_file`` sets for the training run: the
+    ``FSDP_*`` variables, the mixed precision (``ACCELERATE_MIXED_PRECISION``) and the dynamo
+    options (``ACCELERATE_DYNAMO_*``)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 
     args = launch_command_parser().parse_args(["--config_file", str(config_file), "x.py"])
     args, _, _ = _validate_launch_command(args)
-    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith("FSDP_")}
+    keep = ("FSDP_", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_")
+    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(keep)}
 
 
 class CPUFSDP2Accelerator(Accelerator):

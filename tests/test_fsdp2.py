@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -39,10 +40,21 @@ GLOBAL_BATCH = 4
 STEPS = 4
 
 
-def torchrun(script: Path, *argv: str, nproc: int = 2, timeout: int = 600) -> None:
+def torchrun(
+    script: Path,
+    *argv: str,
+    nproc: int = 2,
+    timeout: int = 600,
+    config: Path | None = None,
+    expect_success: bool = True,
+) -> str:
+    """Run ``script`` on ``nproc`` ranks (under the accelerate ``config``: the README's by
+    default); its output."""
     # The tree under test first: an installed fastgen_diffusers elsewhere must not shadow it.
     pythonpath = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
+    if config is not None:
+        env["FSDP_TEST_CONFIG"] = str(config)
     cmd = [
         sys.executable,
         "-m",
@@ -53,7 +65,22 @@ def torchrun(script: Path, *argv: str, nproc: int = 2, timeout: int = 600) -> No
         *argv,
     ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    output = result.stdout + result.stderr
+    assert (result.returncode == 0) == expect_success, output[-9000:]
+    return output
+
+
+def accelerate_config(path: Path, **changes: object) -> Path:
+    """The README's FSDP2 config with ``changes`` to its ``fsdp_config`` (top-level keys when
+    given as ``top__<key>``)."""
+    config = yaml.safe_load((ROOT / "examples" / "accelerate" / "fsdp2_8gpu.yaml").read_text())
+    for key, value in changes.items():
+        if key.startswith("top__"):
+            config[key[len("top__") :]] = value
+        else:
+            config["fsdp_config"][key] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +145,13 @@ def logged_steps(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in lines]
 
 
-def assert_same_losses(a: Path, b: Path, rtol: float) -> None:
+def assert_same_losses(a: Path, b: Path, rtol: float, atol: float = 1e-7) -> None:
     la, lb = losses(a), losses(b)
     assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
     for step in la:
         assert la[step].keys() == lb[step].keys()
         for key in la[step]:
-            np.testing.assert_allclose(lb[step][key], la[step][key], rtol=rtol, atol=1e-7)
+            np.testing.assert_allclose(lb[step][key], la[step][key], rtol=rtol, atol=atol)
 
 
 def exported(out: Path) -> dict[str, torch.Tensor]:
@@ -153,23 +180,47 @@ WEIGHT_ATOL = 1e-5
 GAN = ["--recipe", "gan.yaml", "--dataset_name", "images", "--gradient_checkpointing"]
 
 
+# bf16 (the README's config): both runs compute every forward in bf16 (8 significant bits:
+# relative rounding 2^-8 = 0.4% per op) from the same fp32 weights; the 2-rank run reduces in
+# another order and rounds each rank's half-batch separately. Measured over 4 steps: the O(1)
+# fake-score losses differ by 1.1e-3 relative (bound: 5e-3, about one bf16 rounding); the
+# student's VSD loss (~5e-4) is a difference of two bf16 score predictions, so its error is
+# absolute: measured 2.8e-5 (bound 1e-4). Exported fp32 weights: measured 2.3e-3; Adam moves a
+# weight by at most ~lr = 1e-3 per step whatever the gradient's size, so runs whose bf16
+# gradients differ in sign drift apart by up to 2 * lr per step (bound 5e-3, well below the
+# 8e-3 that 4 steps allow; an unloaded or wrongly loaded weight is off by O(0.1-1)).
+BF16_LOSS_RTOL = 5e-3
+BF16_LOSS_ATOL = 1e-4
+BF16_WEIGHT_ATOL = 5e-3
+
+FP32 = ["--mixed_precision", "no"]  # overrides the README config's bf16
+# The README's config as it is (bf16) on 2 ranks; the one process told bf16 on the command line.
+BF16_ONE = ["--mixed_precision", "bf16"]
+
+
 @pytest.mark.parametrize(
-    "name,layout",
+    "name,layout,precision",
     [
-        ("full", []),
-        ("shared", ["--use_lora", "--lora_layout", "shared_lora", "--rank", "4"]),
+        ("full", [], "fp32"),
+        ("shared", ["--use_lora", "--lora_layout", "shared_lora", "--rank", "4"], "fp32"),
         # GAN + R1 on images: the sharded discriminator and a backward through the teacher
-        ("full-gan", GAN),
+        ("full-gan", GAN, "fp32"),
+        ("full-bf16", [], "bf16"),
     ],
 )
-def test_two_ranks_equal_one_process(setup, name, layout):
+def test_two_ranks_equal_one_process(setup, name, layout, precision):
     root, model = setup
     one = root / f"one-{name}"
     two = root / f"two-{name}"
     layout = [str(root / a) if a in ("gan.yaml", "images") else a for a in layout]
     extra = [*layout, "--validation_prompts", "a cat", "--validation_steps", str(STEPS)]
-    train(parse_args(argv(root, model, one, GLOBAL_BATCH, *extra)))
-    torchrun(HARNESS, *argv(root, model, two, GLOBAL_BATCH // 2, *extra))
+    one_extra, two_extra = (FP32, FP32) if precision == "fp32" else (BF16_ONE, [])
+    train(parse_args(argv(root, model, one, GLOBAL_BATCH, *extra, *one_extra)))
+    torchrun(HARNESS, *argv(root, model, two, GLOBAL_BATCH // 2, *extra, *two_extra))
+    if precision == "bf16":
+        assert_same_losses(one, two, BF16_LOSS_RTOL, BF16_LOSS_ATOL)
+        assert_same_weights(one, two, BF16_WEIGHT_ATOL)
+        return
     assert_same_losses(one, two, LOSS_RTOL)
     assert_same_weights(one, two, WEIGHT_ATOL)  # the EMA student, gathered on rank 0
     for grid in ("teacher-000000.png", f"student-{STEPS:06d}.png"):
@@ -182,7 +233,7 @@ def test_resume_on_two_ranks_equals_straight_run(setup):
     root, model = setup
     straight, resumed, one = root / "straight", root / "resumed", root / "one-local-shard"
     # local_shard: each rank keeps (and checkpoints) only its shard of the EMA.
-    extra = ["--checkpointing_steps", "2", "--recipe_overrides", "ema.mode=local_shard"]
+    extra = [*FP32, "--checkpointing_steps", "2", "--recipe_overrides", "ema.mode=local_shard"]
     torchrun(HARNESS, *argv(root, model, straight, GLOBAL_BATCH // 2, *extra))
     checkpoint = straight / "checkpoint-2"
     # Sharded: one safetensors file per rank (DCP), each holding its shards of every trained
@@ -227,19 +278,32 @@ PREPARE_CHECK = textwrap.dedent(
     from fsdp2_harness import CPUFSDP2Accelerator
     from fastgen_diffusers.lora import LoraSettings, build_dmd_networks
     from fastgen_diffusers.plugins import family_from_pretrained
-    from fastgen_diffusers.training.parallel import load_pipeline, prepare_networks, unsharded_class
+    from fastgen_diffusers.training.parallel import (
+        load_pipeline, prepare_networks, take_host_transformer, unsharded_class
+    )
 
     layout, path = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
     acc = CPUFSDP2Accelerator(cpu=True)
     family = family_from_pretrained(path)
     pipe = load_pipeline(acc, family, path)
-    # Only rank 0 reads the weights; the other ranks hold an empty (meta) transformer.
-    on_meta = any(p.is_meta for p in pipe.transformer.parameters())
-    assert on_meta == (acc.process_index != 0), on_meta
+    # Every rank, rank 0 included, holds an empty (meta) transformer; rank 0 alone has read the
+    # weights, onto the host.
+    assert all(p.is_meta for p in pipe.transformer.parameters())
+    host = take_host_transformer(pipe)
+    assert (host is not None) == (acc.process_index == 0)
+    if host is not None:
+        assert all(p.device.type == "cpu" for p in host.parameters())
     teacher = family.wrap(pipe.transformer)
     teacher.requires_grad_(False)
-    nets = build_dmd_networks(teacher, layout, LoraSettings(rank=4))
+    source = family.wrap(host) if host is not None else None
+    nets = build_dmd_networks(teacher, layout, LoraSettings(rank=4), source=source)
+    del host, source
+    # No full-size network exists anywhere before sharding: all on the meta device.
+    for role in ("student", "fake_score", "teacher"):
+        net = getattr(nets, role)
+        held = list(getattr(net, "module", net).parameters())
+        assert held and all(p.is_meta for p in held), role
     disc = family.build_discriminator(nets.teacher)
     disc_init = {n: q.detach().clone() for n, q in disc.named_parameters()}
     prepared = prepare_networks(
@@ -279,28 +343,39 @@ PREPARE_CHECK = textwrap.dedent(
         full = q.full_tensor()
         if acc.process_index == 0:
             assert torch.equal(full, disc_init[name]), name
+    # fsdp_activation_checkpointing: every trained transformer's blocks run checkpointed,
+    # adapter-aware, set before sharding (accelerate would skip an already sharded model).
+    checkpointing = sys.argv[3] == "checkpointing"
+    for name in ("student", "fake_score"):
+        net = getattr(nets, name)
+        model = getattr(net, "module", net).transformer
+        assert model.gradient_checkpointing is checkpointing, name
+        if checkpointing:
+            assert model._gradient_checkpointing_func._fastgen_adapter_aware, name
     print("OK", layout, local)
     """
 )
 
 
 @pytest.mark.parametrize(
-    "family,layout",
+    "family,layout,config",
     [
-        ("sd3", "full"),
-        ("sd3", "student_lora"),
-        ("sd3", "separate_lora"),
-        ("sd3", "shared_lora"),
-        ("wan", "shared_lora"),
+        ("sd3", "full", {}),
+        ("sd3", "student_lora", {"fsdp_activation_checkpointing": True}),
+        ("sd3", "separate_lora", {}),
+        ("sd3", "shared_lora", {"fsdp_activation_checkpointing": True}),
+        ("wan", "shared_lora", {}),
     ],
 )
-def test_every_network_is_sharded(setup, tmp_path, family, layout):
+def test_every_network_is_sharded(setup, tmp_path, family, layout, config):
     _, model = setup
     if family == "wan":
         model = save_tiny_wan(tmp_path / "wan")
     script = tmp_path / "check.py"
     script.write_text(PREPARE_CHECK)
-    torchrun(script, layout, str(model))
+    checkpointing = "checkpointing" if config.get("fsdp_activation_checkpointing") else "none"
+    accelerate = accelerate_config(tmp_path / "accelerate.yaml", **config)
+    torchrun(script, layout, str(model), checkpointing, config=accelerate)
 
 
 # Divisible by 1, 2 and 3 ranks.
@@ -323,7 +398,7 @@ def test_resume_on_another_rank_count_equals_the_straight_run_there(setup):
     one process."""
     root, model = setup
     base = root / "reshard"
-    extra = ["--checkpointing_steps", "2"]
+    extra = [*FP32, "--checkpointing_steps", "2"]
 
     def run(out: Path, nproc: int, *more: str) -> None:
         args = argv(root, model, out, RESHARD_BATCH // nproc, *extra, *more)
@@ -355,3 +430,30 @@ def test_resume_on_another_rank_count_equals_the_straight_run_there(setup):
     )
     with pytest.raises(ValueError, match="(?s)global_batch: 6 -> 3.*--train_batch_size 6 on 1"):
         train(parse_args(args))
+
+
+@pytest.mark.parametrize(
+    "change,key",
+    [
+        ({"fsdp_reshard_after_forward": False}, "fsdp_reshard_after_forward"),
+        ({"fsdp_auto_wrap_policy": "SIZE_BASED_WRAP"}, "fsdp_auto_wrap_policy"),
+    ],
+)
+def test_unsupported_accelerate_option_is_refused(setup, tmp_path, change, key):
+    root, model = setup
+    config = accelerate_config(tmp_path / "accelerate.yaml", **change)
+    out = tmp_path / "out"
+    output = torchrun(
+        HARNESS, *argv(root, model, out, 1), config=config, expect_success=False, timeout=300
+    )
+    assert f"accelerate config fsdp_config.{key}" in output, output[-3000:]
+    assert not (out / "checkpoint-1").exists()
+
+
+def test_fp16_is_refused_at_start(setup, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    root, model = setup
+    AcceleratorState._reset_state(True)  # an earlier run in this process set another precision
+    with pytest.raises(ValueError, match="mixed_precision.*fp16.*bf16"):
+        train(parse_args(argv(root, model, tmp_path / "out", 1, "--mixed_precision", "fp16")))

@@ -95,6 +95,7 @@ class TrainingArguments:
     max_grad_norm: float
     lr_scheduler: str
     lr_warmup_steps: int
+    ddp_timeout: int
     # LoRA
     use_lora: bool
     lora_layout: str
@@ -389,6 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="Warm-up updates of the learning-rate schedule.",
+    )
+    train.add_argument(
+        "--ddp_timeout",
+        type=int,
+        default=1800,
+        help="Seconds a process waits for the others at a collective before the run fails "
+        "(torch.distributed's process-group timeout).",
     )
 
     lora = parser.add_argument_group("LoRA")

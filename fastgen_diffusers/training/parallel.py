@@ -48,12 +48,15 @@ from ..factory import load_from_rank0
 from ..lora import AdapterRole, DMDNetworks
 
 __all__ = [
+    "SUPPORTED_FSDP_OPTIONS",
     "PreparedNetworks",
+    "check_accelerate_options",
     "full_state_dict",
     "is_fsdp2",
     "load_pipeline",
     "pipeline_to",
     "prepare_networks",
+    "take_host_transformer",
     "unsharded_class",
 ]
 
@@ -79,22 +82,46 @@ def unsharded_class(module: nn.Module) -> type:
 
 
 def load_pipeline(accelerator: Accelerator, family: Any, path: str, **kwargs: Any):
-    """The teacher pipeline. Under FSDP2 only rank 0 reads the transformer's weights; the other
-    ranks build it on the meta device (buffers such as rotary tables are still computed, since
-    no state dict carries them) and receive their shards from rank 0 when it is sharded."""
-    if not is_fsdp2(accelerator) or accelerator.is_main_process:
+    """The teacher pipeline. Under FSDP2 every rank builds the transformer on the meta device
+    (buffers such as rotary tables are still computed, since no state dict carries them) and
+    the main process also reads its weights onto the host (CPU): :func:`take_host_transformer`
+    hands them to the set-up, which loads them into the shards once they exist. Nothing
+    full-sized reaches an accelerator; the host holds one copy on the machine."""
+    if not is_fsdp2(accelerator):
         return family.load_pipeline(path, **kwargs)
     import diffusers
     from accelerate import init_empty_weights
 
-    index = family.pipeline_class.load_config(path, revision=kwargs.get("revision"))
+    revision = kwargs.get("revision")
+    index = family.pipeline_class.load_config(path, revision=revision)
     library, class_name = index["transformer"]
     cls = getattr(diffusers, class_name)
-    config = cls.load_config(path, subfolder="transformer", revision=kwargs.get("revision"))
+    config = cls.load_config(path, subfolder="transformer", revision=revision)
     with init_empty_weights(include_buffers=False):
         transformer = cls.from_config(config)
     transformer.to(kwargs.get("torch_dtype") or torch.float32)
-    return family.load_pipeline(path, transformer=transformer, **kwargs)
+    pipe = family.load_pipeline(path, transformer=transformer, **kwargs)
+    if accelerator.is_main_process:
+        host = cls.from_pretrained(
+            path,
+            subfolder="transformer",
+            revision=revision,
+            variant=kwargs.get("variant"),
+            torch_dtype=kwargs.get("torch_dtype") or torch.float32,
+        )
+        host.requires_grad_(False)
+        object.__setattr__(pipe, _HOST_ATTR, host)
+    return pipe
+
+
+_HOST_ATTR = "_fastgen_host_transformer"
+
+
+def take_host_transformer(pipe: Any) -> nn.Module | None:
+    """The transformer weights the main process read onto the host in :func:`load_pipeline`
+    (FSDP2), removed from ``pipe`` so that they are freed once loaded into the shards; ``None``
+    on the other ranks and without FSDP2."""
+    return pipe.__dict__.pop(_HOST_ATTR, None)
 
 
 def pipeline_to(pipe: Any, device: torch.device) -> None:
@@ -155,6 +182,119 @@ def _precision(plugin: Any, full: bool) -> Iterator[None]:
         yield
     finally:
         plugin.mixed_precision_policy = saved
+
+
+def _before_sharding(accelerator: Accelerator, plugin: Any, base: nn.Module) -> None:
+    """accelerate's activation checkpointing and torch.compile, applied here because
+    accelerate applies them only to a model it shards itself (these are sharded first).
+
+    ``fsdp_activation_checkpointing``: the model's own gradient checkpointing over each
+    transformer block, adapter-aware (a recomputation runs with the adapter of its forward).
+    A dynamo backend: each transformer block compiled on its own (repeated blocks share one
+    compiled graph), before ``fully_shard``, so FSDP's hooks stay outside the graphs."""
+    from accelerate.utils import DynamoBackend
+
+    from ..lora import enable_gradient_checkpointing
+
+    if plugin.activation_checkpointing and hasattr(base, "enable_gradient_checkpointing"):
+        if not any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules()):
+            enable_gradient_checkpointing(base)
+    dynamo = accelerator.state.dynamo_plugin
+    if dynamo.backend != DynamoBackend.NO:
+        names = set(_block_classes(plugin, base))
+        for module in base.modules():
+            if type(module).__name__ in names:
+                module.compile(**dynamo.to_kwargs())
+
+
+@contextlib.contextmanager
+def _no_accelerate_compile(accelerator: Accelerator) -> Iterator[None]:
+    """accelerate would compile an already sharded model as a whole (and checkpoint it under
+    ``_orig_mod.`` names): its blocks are compiled before sharding instead."""
+    from accelerate.utils import DynamoBackend
+
+    dynamo = accelerator.state.dynamo_plugin
+    saved = dynamo.backend
+    dynamo.backend = DynamoBackend.NO
+    try:
+        yield
+    finally:
+        dynamo.backend = saved
+
+
+# -- accelerate options ---------------------------------------------------------------------------
+
+#: The accelerate FSDP options this run honours, and the values it accepts.
+SUPPORTED_FSDP_OPTIONS = """\
+fsdp_version: 2 (required)
+fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP (each transformer block its own unit)
+fsdp_transformer_layer_cls_to_wrap: optional (default: the model's _no_split_modules)
+fsdp_reshard_after_forward: true (fsdp_sharding_strategy: FULL_SHARD)
+fsdp_state_dict_type: SHARDED_STATE_DICT or FULL_STATE_DICT
+fsdp_offload_params: false
+fsdp_activation_checkpointing: true or false (true: each transformer block checkpointed)
+fsdp_cpu_ram_efficient_loading, fsdp_sync_module_states: any value (set-up is always
+  host-side on the main process, networks built on the meta device)
+dynamo_config.dynamo_backend: any (each transformer block compiled before sharding)
+mixed_precision: no or bf16"""
+
+
+def check_accelerate_options(accelerator: Accelerator) -> None:
+    """Refuse, at start, accelerate options this run would otherwise ignore or get wrong: one
+    message naming the config key, its value and what is supported (see
+    :data:`SUPPORTED_FSDP_OPTIONS`)."""
+
+    def refuse(key: str, value: Any, expected: str) -> None:
+        raise ValueError(
+            f"accelerate config {key}: {value} is not supported by this training script; "
+            f"expected {expected}. Supported FSDP options:\n{SUPPORTED_FSDP_OPTIONS}"
+        )
+
+    if accelerator.mixed_precision == "fp16":
+        # One GradScaler cannot serve the student's and the fake score's optimizers, whose
+        # steps alternate; bf16 needs no loss scaling.
+        refuse(
+            "mixed_precision (or --mixed_precision)",
+            "fp16",
+            "bf16 (same memory, no loss scaling) or no",
+        )
+    if accelerator.distributed_type in (
+        DistributedType.DEEPSPEED,
+        DistributedType.MEGATRON_LM,
+        DistributedType.XLA,
+    ):
+        refuse("distributed_type", accelerator.distributed_type, "MULTI_GPU (DDP) or FSDP")
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        refuse("fsdp_config.fsdp_version", plugin.fsdp_version, "2")
+    policy = getattr(plugin.auto_wrap_policy, "__name__", plugin.auto_wrap_policy)
+    if policy != "transformer_auto_wrap_policy":
+        name = "NO_WRAP" if policy is None else policy
+        refuse("fsdp_config.fsdp_auto_wrap_policy", name, "TRANSFORMER_BASED_WRAP")
+    if plugin.reshard_after_forward is not True:
+        refuse(
+            "fsdp_config.fsdp_reshard_after_forward (fsdp_sharding_strategy)",
+            plugin.reshard_after_forward,
+            "true (FULL_SHARD)",
+        )
+    state_dict_type = getattr(plugin.state_dict_type, "name", plugin.state_dict_type)
+    if state_dict_type not in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
+        refuse(
+            "fsdp_config.fsdp_state_dict_type",
+            state_dict_type,
+            "SHARDED_STATE_DICT or FULL_STATE_DICT",
+        )
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
+        # Not verified end to end (it needs accelerators): refused rather than half-working.
+        refuse("fsdp_config.fsdp_offload_params", "true", "false")
+    if plugin.ignored_modules is not None:
+        refuse("fsdp_config.fsdp_ignored_modules", plugin.ignored_modules, "none (all sharded)")
+    if getattr(plugin, "activation_checkpointing_offload", False):
+        refuse("fsdp_config.fsdp_activation_checkpointing_offload", "true", "false")
 
 
 @dataclass
@@ -237,22 +377,38 @@ def _base_of(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, AdapterRole) else model
 
 
+def _initial_weights(nets: DMDNetworks, networks: dict[str, nn.Module], base: nn.Module):
+    """The main process's full weights for ``base``: from the networks' ``initial_weights``
+    (built on the meta device, :func:`~fastgen_diffusers.lora.build_dmd_networks`), else the
+    module's own (a network built with its weights, e.g. the discriminator). Captured before
+    sharding replaces the parameters."""
+    roles = {"teacher": nets.teacher, **networks}
+    for role, net in roles.items():
+        if _base_of(net) is base and nets.initial_weights and role in nets.initial_weights:
+            return nets.initial_weights[role]
+    if any(t.is_meta for t in [*base.parameters(), *base.buffers()]):
+        raise ValueError(
+            f"{type(base).__name__} is on the meta device and no weights were given for it: "
+            "build the networks with build_dmd_networks(..., source=<the loaded teacher>)"
+        )
+    return {**dict(base.named_buffers()), **base.state_dict()}
+
+
 def _prepare_fsdp2(accelerator, nets, networks, make_optimizer, make_scheduler) -> PreparedNetworks:
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
     plugin = accelerator.state.fsdp_plugin
-    # Rank 0 holds the weights, the other ranks' transformer is on the meta device (see
-    # load_pipeline): load_from_rank0 fills every rank's shards after sharding. (accelerate's
-    # own cpu_ram_efficient_loading assumes every state-dict entry is sharded, which a
-    # persistent buffer such as SD3's positional table is not.)
+    # Every network is built on the meta device (the main process also holds the teacher's
+    # weights on the host): load_from_rank0 fills every rank's shards after sharding.
+    # (accelerate's own cpu_ram_efficient_loading assumes every state-dict entry is sharded,
+    # which a persistent buffer such as SD3's positional table is not.)
     plugin.cpu_ram_efficient_loading = False
     main = accelerator.is_main_process
     bases = {id(_base_of(m)): _base_of(m) for m in [nets.teacher, *networks.values()]}
     for base in bases.values():
-        # Captured before sharding replaces the parameters: rank 0's full copy stays alive
-        # until every rank's shards are filled from it.
-        source = {**dict(base.named_buffers()), **base.state_dict()} if main else None
+        source = _initial_weights(nets, networks, base) if main else None
         full_precision = base is networks.get("discriminator")
+        _before_sharding(accelerator, plugin, base)
         with _wrapping(plugin, base), _precision(plugin, full_precision):
             fsdp2_prepare_model(accelerator, base)
         load_from_rank0(base, source, device=accelerator.device)
@@ -261,6 +417,7 @@ def _prepare_fsdp2(accelerator, nets, networks, make_optimizer, make_scheduler) 
         # gathered as accelerate sets it: a GAN loss backpropagates through the frozen
         # teacher's blocks and root without ever reaching the root's output, so the root would
         # never be gathered again for that backward.
+    nets.initial_weights = None  # the host copy is freed with its last reference
 
     # Optimizers over the sharded parameters, made only now: materialising a meta-device
     # module replaces its parameters. accelerate takes the (already sharded) model with each
@@ -271,7 +428,7 @@ def _prepare_fsdp2(accelerator, nets, networks, make_optimizer, make_scheduler) 
         base = sync[role] = _base_of(model)
         opt = make_optimizer(role, list(model.parameters()))
         groups = [list(group["params"]) for group in opt.param_groups]
-        with _wrapping(plugin, base):
+        with _wrapping(plugin, base), _no_accelerate_compile(accelerator):
             _, opts[role], scheds[role] = accelerator.prepare(base, opt, make_scheduler(role, opt))
         # accelerate re-finds each parameter by its shard's data pointer, which every empty
         # shard (a 1-element bias on rank 1) shares: the parameters are already the right ones.

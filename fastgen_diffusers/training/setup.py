@@ -21,12 +21,13 @@ import json
 import logging
 import math
 import os
+from datetime import timedelta
 from pathlib import Path
 from pickle import UnpicklingError
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from safetensors import SafetensorError
 
 from ..lora import AdapterRole, LoraSettings, build_dmd_networks, enable_gradient_checkpointing
@@ -42,7 +43,14 @@ from .checkpointing import (
 from .data_order import ResumableRandomSampler
 from .errors import UserError
 from .hub import prepare_hub_repo
-from .parallel import is_fsdp2, load_pipeline, pipeline_to, prepare_networks
+from .parallel import (
+    check_accelerate_options,
+    is_fsdp2,
+    load_pipeline,
+    pipeline_to,
+    prepare_networks,
+    take_host_transformer,
+)
 from .preflight import load_dataset_checked, needs_media, preflight, resume_target, teacher_family
 from .run_record import RUN_RECORD, check_resume, run_record, write_run_record
 from .state import Counter, Networks, Progress, Run, Teacher, Trainer, TrainingData
@@ -94,9 +102,12 @@ def setup_run(args: TrainingArguments) -> Run:
     # Accelerate only goes distributed on a CPU-only machine when told it is a CPU run
     # (otherwise each torchrun process would train alone, all writing to one folder).
     multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    if args.ddp_timeout < 1:
+        raise ValueError(f"--ddp_timeout must be >= 1 second, got {args.ddp_timeout}")
     accelerator = Accelerator(
         cpu=multi_process_cpu,
         mixed_precision=args.mixed_precision,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
         log_with=requested_trackers(args.report_to) or None,
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
@@ -106,6 +117,7 @@ def setup_run(args: TrainingArguments) -> Run:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
     )
+    check_accelerate_options(accelerator)
     if accelerator.is_main_process:
         # Before anything else writes: what killed runs left half-written.
         caches = [Path(args.embedding_cache_dir)] if args.embedding_cache_dir else []
@@ -146,8 +158,9 @@ def _prepare_hub(accelerator: Accelerator, args: TrainingArguments) -> str:
 
 
 def load_teacher(run: Run) -> Teacher:
-    """The teacher's pipeline on the device (under FSDP2 only rank 0 reads the weights) and
-    the per-sample latent shape at the requested size."""
+    """The teacher's pipeline on the device (under FSDP2 the transformer stays on the meta
+    device and only the main process reads its weights, onto the host) and the per-sample
+    latent shape at the requested size."""
     args = run.args
     family = teacher_family(args)
     pipe = load_pipeline(
@@ -223,6 +236,10 @@ def build_networks(run: Run, teacher: Teacher) -> Networks:
     args, family = run.args, teacher.family
     wrapped = family.wrap(teacher.pipe.transformer)
     wrapped.requires_grad_(False)
+    # Under FSDP2 the networks are built on the meta device on every rank; the main process's
+    # host copy of the teacher's weights gives their initial values, loaded after sharding.
+    source = take_host_transformer(teacher.pipe)
+    host = family.wrap(source) if source is not None else None
     lora = LoraSettings(
         rank=args.rank,
         alpha=args.lora_alpha,
@@ -230,7 +247,8 @@ def build_networks(run: Run, teacher: Teacher) -> Networks:
         init=args.lora_init,
         target_modules=args.lora_target_modules,
     )
-    nets = build_dmd_networks(wrapped, args.layout, lora)
+    nets = build_dmd_networks(wrapped, args.layout, lora, source=host)
+    del source, host
     for net in (nets.student, nets.fake_score):
         if isinstance(net, AdapterRole):  # adapters train in fp32 over a frozen low-precision base
             for p in net.parameters():

@@ -1,0 +1,182 @@
+"""Host memory of the FSDP2 set-up and training steps, per rank, against one process.
+
+Runs the real training code (``train_dmd2.py``'s) on 2 CPU ranks through the FSDP2 test harness
+(``tests/fsdp2_harness.py``, gloo) and once as a single process without FSDP, for an SD3
+transformer of ~230M parameters built from its config (random weights, saved to a temporary
+pipeline folder with tiny text encoders and VAE). Each rank samples its resident set size
+(psutil, every 20 ms) and reports the peak during set-up (until the networks are prepared
+and resumed) and the peak during the training steps; the checkpoint folder is measured after the
+last step. Not a test: prints a table.
+
+    python benchmarks/fsdp2_memory.py  # ~230M parameters
+    python benchmarks/fsdp2_memory.py --layers 2 --steps 2  # ~66M parameters, ~6 min
+
+On accelerators the same split holds for device memory: under FSDP2 every network is built on
+the meta device and nothing full-sized is ever allocated there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 2**20
+
+
+def _rank_entry(argv: list[str]) -> None:
+    """One rank: sample RSS, run the training, write the peaks to ``$FSDP2_MEMORY_OUT``."""
+    import psutil
+    import torch
+
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    import fastgen_diffusers.training.loop as loop
+    import fastgen_diffusers.training.setup as setup
+    from fastgen_diffusers.training import parse_args, train
+
+    proc = psutil.Process()
+    peaks = {"setup": 0, "steady": 0}
+    phase = ["setup"]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            rss = proc.memory_info().rss
+            peaks[phase[0]] = max(peaks[phase[0]], rss)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    resume = loop.resume
+
+    def resume_then_mark(run, trainer, num_samples):
+        progress = resume(run, trainer, num_samples)
+        peaks["setup"] = max(peaks["setup"], proc.memory_info().rss)
+        phase[0] = "steady"
+        trained = {
+            id(p): p
+            for net in (trainer.prepared.student, trainer.prepared.fake_score)
+            for p in net.parameters()
+        }
+        local = [getattr(p, "to_local", lambda p=p: p)() for p in trained.values()]
+        peaks["trained_bytes"] = sum(t.numel() * t.element_size() for t in local)
+        return progress
+
+    loop.resume = resume_then_mark
+    torch.set_num_threads(1)
+    if os.environ.get("FSDP2_MEMORY_FSDP") == "1":
+        from fsdp2_harness import CPUFSDP2Accelerator
+
+        setup.Accelerator = CPUFSDP2Accelerator
+    train(parse_args(argv))
+    done.set()
+    thread.join()
+    rank = int(os.environ.get("RANK", "0"))
+    out = Path(os.environ["FSDP2_MEMORY_OUT"]) / f"rank{rank}.json"
+    out.write_text(json.dumps(peaks))
+
+
+def _save_pipeline(path: Path, layers: int) -> int:
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    from tiny_pipelines import save_tiny_sd3
+
+    save_tiny_sd3(path)
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=layers,
+        attention_head_dim=64,
+        num_attention_heads=16,
+        joint_attention_dim=32,  # the tiny T5's width
+        caption_projection_dim=1024,
+        pooled_projection_dim=24,  # the two tiny CLIPs' projections
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
+    transformer.save_pretrained(path / "transformer")
+    return sum(p.numel() for p in transformer.parameters())
+
+
+def _run(root: Path, model: Path, name: str, layout: list[str], nproc: int, steps: int) -> dict:
+    out = root / name
+    stats = root / f"{name}-stats"
+    stats.mkdir()
+    (root / "prompts.jsonl").write_text("".join(f'{{"text": "prompt {i}"}}\n' for i in range(8)))
+    (root / "recipe.yaml").write_text("guidance_scale: 2.0\nstudent_update_freq: 2\n")
+    args = [
+        *("--pretrained_model_name_or_path", str(model), "--recipe", str(root / "recipe.yaml")),
+        *("--dataset_name", str(root / "prompts.jsonl"), "--output_dir", str(out)),
+        *("--height", "64", "--width", "64", "--train_batch_size", str(2 // nproc)),
+        *("--max_train_steps", str(steps), "--checkpointing_steps", "1"),
+        *("--report_to", "none", "--mixed_precision", "no", *layout),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "FSDP2_MEMORY_OUT": str(stats),
+        "FSDP2_MEMORY_FSDP": "1" if nproc > 1 else "0",
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    cmd += ["--standalone", __file__, "--rank-entry", *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(result.stdout[-2000:] + result.stderr[-4000:])
+    ranks = [json.loads((stats / f"rank{r}.json").read_text()) for r in range(nproc)]
+    checkpoint = out / "checkpoint-1"
+    ckpt = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
+    return {"ranks": ranks, "checkpoint": ckpt}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=6, help="SD3 joint blocks (6: ~230M)")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    layouts = {
+        "full": [],
+        "student_lora": ["--use_lora", "--lora_layout", "student_lora", "--rank", "16"],
+        "shared_lora": ["--use_lora", "--lora_layout", "shared_lora", "--rank", "16"],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        params = _save_pipeline(root / "model", args.layers)
+        model_bytes = params * 4
+        print(f"SD3 transformer: {params / 1e6:.0f}M parameters, {model_bytes / MiB:.0f} MiB fp32")
+        print(f"{args.steps} steps, global batch 2, 64x64, fp32 (--mixed_precision no)\n")
+        header = (
+            f"{'layout':<13}{'run':<10}{'rank':>5}{'setup peak':>12}{'steady peak':>13}"
+            f"{'trained/rank':>14}{'checkpoint':>12}"
+        )
+        print(header + "\n" + "-" * len(header) + "   (MiB; RSS of the process)")
+        for name, layout in layouts.items():
+            for nproc in (1, 2):
+                run = "1 process" if nproc == 1 else "FSDP2 x2"
+                result = _run(root, root / "model", f"{name}-{nproc}", layout, nproc, args.steps)
+                for rank, peaks in enumerate(result["ranks"]):
+                    ckpt = f"{result['checkpoint'] / MiB:>12.0f}" if rank == 0 else ""
+                    print(
+                        f"{name:<13}{run:<10}{rank:>5}{peaks['setup'] / MiB:>12.0f}"
+                        f"{peaks['steady'] / MiB:>13.0f}{peaks['trained_bytes'] / MiB:>14.0f}"
+                        + ckpt,
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--rank-entry":
+        _rank_entry(sys.argv[2:])
+    else:
+        main()
