@@ -228,7 +228,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_never_executed(tiny, straight, tmp_
     assert_identical_runs(straight, out)  # the planted files changed nothing
     # A pickle in place of the state file is refused as malformed, never run.
     next((ckpt / "state").glob("*.safetensors")).write_bytes(blob)
-    with pytest.raises(ValueError, match="cannot be read.*header"):
+    with pytest.raises(ValueError, match="(cannot be read|is damaged).*header"):
         train(parse_args(argv(root, model, out, "--resume_from_checkpoint", str(ckpt))))
     assert not marker.exists()
 
