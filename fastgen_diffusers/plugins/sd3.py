@@ -192,9 +192,10 @@ def _attention_modules(transformer: nn.Module) -> list[nn.Module]:
     """The attention modules of the joint blocks (``attn``, and SD3.5's ``attn2``)."""
     modules = []
     for block in getattr(transformer, "transformer_blocks", ()):
-        modules.append(block.attn)
-        if getattr(block, "attn2", None) is not None:
-            modules.append(block.attn2)
+        found = [getattr(block, name, None) for name in ("attn", "attn2")]
+        if not hasattr(found[0], "processor"):
+            return []  # not a JointTransformerBlock: nothing is collapsed
+        modules += [m for m in found if m is not None]
     return modules
 
 
