@@ -318,7 +318,9 @@ class SD3Wrapper(TransformerWrapper):
         attention (exact: every op on text tokens is per token except attention, whose keys
         the multiplicity weighs; text tokens have no position embedding and the last block's
         text output is dropped)."""
-        if self.dedup_text_tokens is False:
+        # The runs are data-dependent: a wrapper traced as a whole keeps every token
+        # (regional compilation of the blocks keeps the collapse).
+        if self.dedup_text_tokens is False or torch.compiler.is_compiling():
             return encoder_hidden_states, kwargs
         # In half precision log(n) rounds to the compute dtype (~0.4% on the weight of a
         # collapsed run): only on request.
