@@ -22,6 +22,7 @@ __all__ = [
     "JOINT_ATTENTION_LORA_TARGETS",
     "TransformerWrapper",
     "cfg_get",
+    "compile_blocks",
     "config_of",
     "find_transformer",
     "flow_match_sigmas",
@@ -307,3 +308,29 @@ def identical_token_runs(*token_batches: torch.Tensor) -> tuple[torch.Tensor, to
     starts = new_run.nonzero().squeeze(1)
     counts = torch.diff(starts, append=starts.new_tensor([first.shape[1]]))
     return starts, counts
+
+
+# -- regional compilation -----------------------------------------------------------------------
+
+_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> int:
+    """Compile each repeated transformer block of ``model`` in place (``nn.Module.compile``):
+    regional compilation, one graph reused by every block of a kind, so compile time does not
+    grow with depth. Looks through wrappers (``.transformer``, DDP's ``.module``, peft).
+    Returns how many blocks were compiled (already compiled ones are skipped, so networks
+    sharing blocks compile them once)."""
+    compiled = 0
+    for module in unwrap_module(model):
+        for name in _BLOCK_LISTS:
+            blocks = getattr(module, name, None)
+            if not isinstance(blocks, nn.ModuleList):
+                continue
+            for block in blocks:
+                if getattr(block, "_compiled_call_impl", None) is None:
+                    block.compile(**compile_kwargs)
+                    compiled += 1
+        if compiled:
+            break
+    return compiled

@@ -89,6 +89,8 @@ class TrainingArguments:
     max_grad_norm: float
     lr_scheduler: str
     lr_warmup_steps: int
+    compile_blocks: bool
+    adam_implementation: str
     # LoRA
     use_lora: bool
     lora_layout: str
@@ -329,6 +331,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="Warm-up updates of the learning-rate schedule.",
+    )
+    # Speed options (benchmarks/speed_options.py measures each).
+    train.add_argument(
+        "--compile_blocks",
+        action="store_true",
+        help="torch.compile each transformer block of student, fake score and teacher "
+        "(regional compilation; pays off on GPUs, not on small CPU models).",
+    )
+    train.add_argument(
+        "--adam_implementation",
+        choices=("auto", "default", "foreach", "fused"),
+        default="auto",
+        help="AdamW kernels: 'fused' (one kernel over all parameters), 'foreach' "
+        "(multi-tensor), 'default' (torch's choice: a per-tensor loop on CPU). 'auto': fused on "
+        "CPU and CUDA (5x faster than the loop on CPU), torch's choice under FSDP2.",
     )
 
     lora = parser.add_argument_group("LoRA")

@@ -35,7 +35,7 @@ from .cache import CacheSettings, build_cache
 from .checkpointing import checkpoint_step, load_per_rank_state, resolve_resume
 from .data import load_training_dataset
 from .data_order import ResumableRandomSampler
-from .parallel import load_pipeline, pipeline_to, prepare_networks
+from .parallel import is_fsdp2, load_pipeline, pipeline_to, prepare_networks
 from .state import Counter, Networks, Progress, Run, Teacher, Trainer, TrainingData
 
 __all__ = [
@@ -220,6 +220,11 @@ def build_networks(run: Run, teacher: Teacher) -> Networks:
                 enable_gradient_checkpointing(net.module)
             else:
                 net.enable_gradient_checkpointing()
+    if args.compile_blocks:
+        from ..plugins.common import compile_blocks
+
+        for net in (nets.student, nets.fake_score, nets.teacher):
+            compile_blocks(net)  # blocks shared between networks compile once
     discriminator = None
     if run.cfg.gan_loss_weight_gen > 0:
         family.attach_feature_capture(nets.teacher)
@@ -248,6 +253,12 @@ def make_trainer(run: Run, networks: Networks) -> Trainer:
         "discriminator": other_updates,
     }
 
+    kernel = args.adam_implementation
+    if kernel == "auto":
+        fusable = run.device.type in ("cpu", "cuda") and not is_fsdp2(run.accelerator)
+        kernel = "fused" if fusable else "default"
+    adam_kernel = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[kernel]
+
     def make_optimizer(role: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
             params,
@@ -255,6 +266,7 @@ def make_trainer(run: Run, networks: Networks) -> Trainer:
             betas=(args.adam_beta1, args.adam_beta2),
             weight_decay=args.adam_weight_decay,
             eps=args.adam_epsilon,
+            **adam_kernel,
         )
 
     def make_scheduler(role: str, optimizer: torch.optim.Optimizer):
