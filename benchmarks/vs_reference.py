@@ -124,7 +124,17 @@ def build(side: str, reference, base, *, gan: bool, batch_cfg: bool = False):
 
 
 def steps(pipe, opts, x):
-    """The step closures: student, fake score, discriminator, and one alternation cycle."""
+    """The step closures: student, fake score, discriminator, and one alternation cycle.
+
+    Student and fake-score steps draw fresh noise, as the training loop does each iteration;
+    the discriminator step takes the noise of the fake-score step before it (the loop runs
+    both on one batch)."""
+    g = torch.Generator().manual_seed(0)
+    state = {"noise": x["noise"]}
+
+    def fresh() -> torch.Tensor:
+        state["noise"] = torch.randn(x["noise"].shape, generator=g)
+        return state["noise"]
 
     def update(loss, key):
         loss.backward()
@@ -135,7 +145,7 @@ def steps(pipe, opts, x):
         update(
             pipe.compute_student_loss(
                 x["latents"],
-                x["noise"],
+                fresh(),
                 x["ehs"],
                 negative_encoder_hidden_states=x["neg"],
                 pooled_projections=x["pooled"],
@@ -146,7 +156,7 @@ def steps(pipe, opts, x):
     def fake():
         update(
             pipe.compute_fake_score_loss(
-                x["latents"], x["noise"], x["ehs"], pooled_projections=x["pooled"]
+                x["latents"], fresh(), x["ehs"], pooled_projections=x["pooled"]
             )["total"],
             "fake",
         )
@@ -154,7 +164,7 @@ def steps(pipe, opts, x):
     def disc():
         update(
             pipe.compute_discriminator_loss(
-                x["latents"], x["noise"], x["ehs"], pooled_projections=x["pooled"]
+                x["latents"], state["noise"], x["ehs"], pooled_projections=x["pooled"]
             )["total"],
             "disc",
         )
