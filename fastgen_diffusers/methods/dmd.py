@@ -105,7 +105,8 @@ class DMDPipeline(DistillationPipeline):
             logits. Required when ``config.gan_loss_weight_gen > 0``.
         batch_cfg: run the teacher's conditional and unconditional passes as one forward over a
             doubled batch (same numbers, one launch). Every Tensor in ``model_kwargs`` must then
-            have the batch as its first dimension.
+            have the batch as its first dimension. With the GAN branch the student step keeps
+            the two passes apart: only the conditional one needs a graph.
     """
 
     config: DMDConfig
