@@ -67,6 +67,11 @@ def _params_frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def _version(value: Any) -> int:
+    """A tensor's in-place modification counter (-1 for anything else)."""
+    return value._version if isinstance(value, torch.Tensor) else -1
+
+
 def _batch_pair(key: str, pos: Any, neg: Any, batch: int) -> Any:
     """Concatenate the positive and negative value of one model kwarg for a batched CFG pass."""
     if isinstance(pos, torch.Tensor) or isinstance(neg, torch.Tensor):
@@ -100,7 +105,8 @@ class DMDPipeline(DistillationPipeline):
             logits. Required when ``config.gan_loss_weight_gen > 0``.
         batch_cfg: run the teacher's conditional and unconditional passes as one forward over a
             doubled batch (same numbers, one launch). Every Tensor in ``model_kwargs`` must then
-            have the batch as its first dimension.
+            have the batch as its first dimension. With the GAN branch the student step keeps
+            the two passes apart: only the conditional one needs a graph.
     """
 
     config: DMDConfig
@@ -128,6 +134,7 @@ class DMDPipeline(DistillationPipeline):
         self.batch_cfg = batch_cfg
         self._iteration = 0
         self._data_parallel: tuple[int, int] | None = None
+        self._sample_cache: tuple[tuple[Any, ...], torch.Tensor, Any] | None = None
         # The EMA tracks the module inside a DDP wrapper (DDP's own parameter listing can miss
         # parameters a wrapped view exposes, and its names carry a "module." prefix).
         self._ema_target = (
@@ -296,6 +303,41 @@ class DMDPipeline(DistillationPipeline):
         x, t = self._student_input(latents, noise, encoder_hidden_states, model_kwargs)
         return self._predict_x0(self.student, x, t, encoder_hidden_states, model_kwargs)
 
+    def _generate_detached(
+        self,
+        latents: torch.Tensor | None,
+        noise: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        model_kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """The student's sample without a graph (call under ``no_grad``).
+
+        The fake-score and discriminator steps of one iteration get the same inputs; a one-step
+        student's sample is a function of them and its weights only (no draw), so the second
+        step reuses the first one's. The entry holds the input objects themselves (ids cannot be
+        recycled while held) and is valid while none of them, nor any student weight, changed
+        in place (tensor version counters).
+        """
+        if self.config.student_sample_steps != 1:
+            return self._generate(latents, noise, encoder_hidden_states, model_kwargs)
+        inputs = (latents, noise, encoder_hidden_states, *model_kwargs.values())
+        key = (
+            tuple(model_kwargs),
+            tuple(_version(v) for v in inputs),
+            sum(p._version for p in self.student.parameters()),
+        )
+        cached = self._sample_cache
+        if (
+            cached is not None
+            and cached[2] == key
+            and len(cached[0]) == len(inputs)
+            and all(a is b for a, b in zip(cached[0], inputs))
+        ):
+            return cached[1]
+        gen = self._generate(latents, noise, encoder_hidden_states, model_kwargs)
+        self._sample_cache = (inputs, gen, key)
+        return gen
+
     # -- teacher with CFG -------------------------------------------------------------------
 
     def _guided_teacher_x0(
@@ -315,7 +357,9 @@ class DMDPipeline(DistillationPipeline):
         record: contextlib.AbstractContextManager[list[torch.Tensor]]
         record = capture.record() if capture is not None else contextlib.nullcontext([])
         grad = torch.enable_grad() if capture is not None else torch.no_grad()
-        if guidance_scale is not None and self.batch_cfg:
+        # With feature capture only the conditional half needs a graph: a doubled batch would
+        # keep (and backpropagate through) the unconditional half too, so it runs split.
+        if guidance_scale is not None and self.batch_cfg and capture is None:
             keys = set(model_kwargs) | set(negative_model_kwargs)
             kwargs = {
                 k: _batch_pair(k, model_kwargs.get(k), negative_model_kwargs.get(k), batch)
@@ -329,12 +373,11 @@ class DMDPipeline(DistillationPipeline):
                     negative_encoder_hidden_states,
                     batch,
                 )
-            with grad, record as features:
+            with torch.no_grad():
                 both = self._predict_x0(
-                    self.teacher, torch.cat([x_t, x_t.detach()]), torch.cat([t, t]), ehs, kwargs
+                    self.teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), ehs, kwargs
                 )
             cond, uncond = both[:batch], both[batch:]
-            features = [f[:batch] for f in features]
         else:
             with grad, record as features:
                 cond = self._predict_x0(self.teacher, x_t, t, encoder_hidden_states, model_kwargs)
@@ -405,6 +448,7 @@ class DMDPipeline(DistillationPipeline):
             )
         batch = noise.shape[0]
 
+        self._sample_cache = None  # the student is about to change
         gen = self._generate(latents, noise, encoder_hidden_states, model_kwargs)
         t = self._timesteps(batch, gen.device)
         x_t = add_noise(gen, self._randn_like(gen), t)
@@ -450,7 +494,7 @@ class DMDPipeline(DistillationPipeline):
         self._check_inputs(latents, noise)
         cfg = self.config
         with torch.no_grad():
-            gen = self._generate(latents, noise, encoder_hidden_states, model_kwargs)
+            gen = self._generate_detached(latents, noise, encoder_hidden_states, model_kwargs)
             t = self._timesteps(noise.shape[0], gen.device)
             eps = self._randn_like(gen)
             x_t = add_noise(gen, eps, t)
@@ -486,7 +530,7 @@ class DMDPipeline(DistillationPipeline):
         cfg = self.config
         batch = noise.shape[0]
         with torch.no_grad():
-            gen = self._generate(latents, noise, encoder_hidden_states, model_kwargs)
+            gen = self._generate_detached(latents, noise, encoder_hidden_states, model_kwargs)
             t = self._timesteps(batch, gen.device)
             eps = self._randn_like(gen)
             fake_features = self._teacher_features(

@@ -70,6 +70,7 @@ from .common import (
     config_of,
     find_transformer,
     flow_match_student_config,
+    identical_token_runs,
     inner_dim,
     latent_grid_hook,
     tokens_to_map,
@@ -78,6 +79,11 @@ from .registry import register_family
 
 __all__ = [
     "NUM_TRAIN_TIMESTEPS",
+    "TOKEN_LOG_MULTIPLICITY",
+    "MultiplicityJointAttnProcessor",
+    "collapse_identical_tokens",
+    "collapse_prompt_embeds",
+    "install_token_dedup",
     "SD3Family",
     "SD3Wrapper",
     "attach_feature_capture",
@@ -96,12 +102,192 @@ NUM_TRAIN_TIMESTEPS = 1000
 _TOKEN_GRID_KEY = "sd3_token_grid"
 
 
+# -- identical text tokens ----------------------------------------------------------------------
+
+# The ``joint_attention_kwargs`` key carrying the text keys' log-multiplicities.
+TOKEN_LOG_MULTIPLICITY = "token_log_multiplicity"
+
+
+class MultiplicityJointAttnProcessor:
+    """diffusers' ``JointAttnProcessor2_0`` that can weigh each text key by a multiplicity.
+
+    With ``token_log_multiplicity`` (``[L_text]``, passed through the transformer's
+    ``joint_attention_kwargs``) the attention logits of text key ``j`` get ``+log n_j``: the
+    attention over one token standing for ``n_j`` identical ones, which equals the attention
+    over all of them (``n e^s / (n e^s + Z) = softmax`` over the ``n`` copies). Without it the
+    numbers are ``JointAttnProcessor2_0``'s. Projections are the module's own (``attn.to_q``
+    etc.), so peft's LoRA layers on them stay in effect. The processor is not part of a saved
+    model: ``save_pretrained`` writes weights and config only.
+    """
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_log_multiplicity: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        residual = hidden_states
+        batch_size = hidden_states.shape[0]
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch_size, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        query = heads(attn.to_q(hidden_states))
+        key = heads(attn.to_k(hidden_states))
+        value = heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        bias = None
+        if encoder_hidden_states is not None:
+            context_query = heads(attn.add_q_proj(encoder_hidden_states))
+            context_key = heads(attn.add_k_proj(encoder_hidden_states))
+            context_value = heads(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                context_query = attn.norm_added_q(context_query)
+            if attn.norm_added_k is not None:
+                context_key = attn.norm_added_k(context_key)
+            query = torch.cat([query, context_query], dim=2)
+            key = torch.cat([key, context_key], dim=2)
+            value = torch.cat([value, context_value], dim=2)
+            if token_log_multiplicity is not None:
+                text_bias = token_log_multiplicity.to(device=query.device, dtype=query.dtype)
+                if text_bias.shape != (context_key.shape[2],):
+                    raise ValueError(
+                        f"{TOKEN_LOG_MULTIPLICITY} must be [L_text={context_key.shape[2]}], "
+                        f"got {tuple(text_bias.shape)}"
+                    )
+                bias = torch.cat([text_bias.new_zeros(residual.shape[1]), text_bias])
+                bias = bias.view(1, 1, 1, -1)
+
+        hidden_states = nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False
+        )
+        hidden_states = hidden_states.transpose(1, 2).reshape(
+            batch_size, -1, query.shape[1] * query.shape[3]
+        )
+        hidden_states = hidden_states.to(query.dtype)
+
+        context_out = None
+        if encoder_hidden_states is not None:
+            hidden_states, context_out = (
+                hidden_states[:, : residual.shape[1]],
+                hidden_states[:, residual.shape[1] :],
+            )
+            if not attn.context_pre_only:
+                context_out = attn.to_add_out(context_out)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if context_out is not None:
+            return hidden_states, context_out
+        return hidden_states
+
+
+def _attention_modules(transformer: nn.Module) -> list[nn.Module]:
+    """The attention modules of the joint blocks (``attn``, and SD3.5's ``attn2``)."""
+    modules = []
+    for block in getattr(transformer, "transformer_blocks", ()):
+        found = [getattr(block, name, None) for name in ("attn", "attn2")]
+        if not hasattr(found[0], "processor"):
+            return []  # not a JointTransformerBlock: nothing is collapsed
+        modules += [m for m in found if m is not None]
+    return modules
+
+
+def install_token_dedup(transformer: nn.Module) -> bool:
+    """Set :class:`MultiplicityJointAttnProcessor` on every attention module of an SD3
+    transformer that runs diffusers' stock ``JointAttnProcessor2_0`` (the same numbers until a
+    multiplicity is passed). Returns whether every joint attention now runs it; other
+    processors (IP-Adapter, fused projections) are left alone, and then no tokens are
+    collapsed."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    modules = _attention_modules(transformer)
+    processor = MultiplicityJointAttnProcessor()
+    for module in modules:
+        if type(module.processor) is JointAttnProcessor2_0:
+            module.processor = processor
+    return _dedup_installed(transformer)
+
+
+def _dedup_installed(transformer: nn.Module) -> bool:
+    modules = _attention_modules(transformer)
+    return bool(modules) and all(
+        isinstance(m.processor, MultiplicityJointAttnProcessor) for m in modules
+    )
+
+
+def collapse_identical_tokens(
+    *token_batches: torch.Tensor,
+) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+    """Collapse the runs of identical rows the ``[B, L, D]`` batches share
+    (:func:`~fastgen_diffusers.plugins.common.identical_token_runs`) to one row each:
+    ``([collapsed batches], log_multiplicity [L'])``, or ``None`` when there is nothing to
+    collapse. The gradient of a collapsed row reaches the first row of its run."""
+    runs = identical_token_runs(*token_batches)
+    if runs is None:
+        return None
+    starts, counts = runs
+    collapsed = [tokens.index_select(1, starts) for tokens in token_batches]
+    return collapsed, counts.to(torch.float32).log()
+
+
+def collapse_prompt_embeds(
+    pipe: Any,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    joint_attention_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Call arguments for the stock ``StableDiffusion3Pipeline`` with identical prompt tokens
+    collapsed (``prompt_embeds``, ``negative_prompt_embeds``, ``joint_attention_kwargs``).
+
+    Installs :class:`MultiplicityJointAttnProcessor` on ``pipe.transformer`` (not saved with
+    the model). The positive and negative embeddings are collapsed together (the pipeline
+    batches them for CFG); when nothing collapses, or the transformer runs other attention
+    processors, the embeddings are returned unchanged.
+    """
+    kwargs: dict[str, Any] = {"prompt_embeds": prompt_embeds}
+    if negative_prompt_embeds is not None:
+        kwargs["negative_prompt_embeds"] = negative_prompt_embeds
+    if joint_attention_kwargs is not None:
+        kwargs["joint_attention_kwargs"] = joint_attention_kwargs
+    if not install_token_dedup(pipe.transformer):
+        return kwargs
+    batches = [prompt_embeds] + (
+        [negative_prompt_embeds] if negative_prompt_embeds is not None else []
+    )
+    result = collapse_identical_tokens(*batches)
+    if result is None:
+        return kwargs
+    collapsed, log_multiplicity = result
+    kwargs["prompt_embeds"] = collapsed[0]
+    if negative_prompt_embeds is not None:
+        kwargs["negative_prompt_embeds"] = collapsed[1]
+    kwargs["joint_attention_kwargs"] = {
+        **(joint_attention_kwargs or {}),
+        TOKEN_LOG_MULTIPLICITY: log_multiplicity,
+    }
+    return kwargs
+
+
 class SD3Wrapper(TransformerWrapper):
     """``SD3Transformer2DModel`` called as ``model(hidden_states=x_t, timestep=t, ...)``.
 
     Args:
         transformer: the diffusers transformer (SD3 or SD3.5), held as ``self.transformer``.
         num_train_timesteps: the transformer's timestep scale (1000 for SD3 / SD3.5).
+        dedup_text_tokens: collapse runs of identical ``encoder_hidden_states`` rows (the same
+            in every sample, e.g. the 256 zero T5 tokens of SD3 run without T5) to one token
+            each, weighted in attention by its multiplicity: the same output (to float
+            rounding) at a fraction of the cost. ``None`` (default): on when the transformer
+            computes in float32 / float64; ``True``: in half precision too (``log n`` then
+            rounds to it); ``False``: never. The attention processors become
+            :class:`MultiplicityJointAttnProcessor` (the stock numbers without multiplicities).
 
     ``forward`` takes ``x_t`` as ``[B, C, H, W]`` latents (``H`` and ``W`` multiples of
     ``patch_size``) and ``t`` in [0, 1], and returns the flow prediction ``eps - x0`` in the
@@ -109,10 +295,46 @@ class SD3Wrapper(TransformerWrapper):
     """
 
     def __init__(
-        self, transformer: SD3Transformer2DModel, *, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+        self,
+        transformer: SD3Transformer2DModel,
+        *,
+        num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+        dedup_text_tokens: bool | None = None,
     ) -> None:
         super().__init__(transformer)
         self.num_train_timesteps = int(num_train_timesteps)
+        if dedup_text_tokens not in (None, True, False):
+            raise TypeError(
+                f"dedup_text_tokens must be None, True or False, got {dedup_text_tokens!r}"
+            )
+        self.dedup_text_tokens = dedup_text_tokens
+        if dedup_text_tokens is not False:
+            install_token_dedup(transformer)
+
+    def _collapse(
+        self, encoder_hidden_states: torch.Tensor, kwargs: dict[str, Any], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Identical text tokens collapsed to one each, with their log-multiplicities for the
+        attention (exact: every op on text tokens is per token except attention, whose keys
+        the multiplicity weighs; text tokens have no position embedding and the last block's
+        text output is dropped)."""
+        # The runs are data-dependent: a wrapper traced as a whole keeps every token
+        # (regional compilation of the blocks keeps the collapse).
+        if self.dedup_text_tokens is False or torch.compiler.is_compiling():
+            return encoder_hidden_states, kwargs
+        # In half precision log(n) rounds to the compute dtype (~0.4% on the weight of a
+        # collapsed run): only on request.
+        if self.dedup_text_tokens is None and dtype not in (torch.float32, torch.float64):
+            return encoder_hidden_states, kwargs
+        joint = kwargs.get("joint_attention_kwargs") or {}
+        if "ip_adapter_image_embeds" in joint or not _dedup_installed(self.transformer):
+            return encoder_hidden_states, kwargs
+        result = collapse_identical_tokens(encoder_hidden_states)
+        if result is None:
+            return encoder_hidden_states, kwargs
+        (collapsed,), log_multiplicity = result
+        joint = {**joint, TOKEN_LOG_MULTIPLICITY: log_multiplicity}
+        return collapsed, {**kwargs, "joint_attention_kwargs": joint}
 
     @classmethod
     def from_pretrained(
@@ -165,6 +387,7 @@ class SD3Wrapper(TransformerWrapper):
         # The patch-embedding conv takes the latents, so its weight dtype is the compute dtype
         # (diffusers' layerwise casting skips pos_embed); cheaper than walking every module.
         dtype = self.transformer.pos_embed.proj.weight.dtype
+        encoder_hidden_states, kwargs = self._collapse(encoder_hidden_states, kwargs, dtype)
         # The stock pipeline passes float32 timesteps (sigma * 1000, computed in float32) to a
         # model of any dtype; the time embedding casts after the sinusoidal projection.
         out = self.transformer(

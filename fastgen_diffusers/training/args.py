@@ -96,6 +96,8 @@ class TrainingArguments:
     lr_scheduler: str
     lr_warmup_steps: int
     ddp_timeout: int
+    compile_blocks: bool
+    adam_implementation: str
     # LoRA
     use_lora: bool
     lora_layout: str
@@ -397,6 +399,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=1800,
         help="Seconds a process waits for the others at a collective before the run fails "
         "(torch.distributed's process-group timeout).",
+    )
+    # Speed options (benchmarks/speed_options.py measures each).
+    train.add_argument(
+        "--compile_blocks",
+        action="store_true",
+        help="torch.compile each transformer block of student, fake score and teacher "
+        "(regional compilation; pays off on GPUs, not on small CPU models).",
+    )
+    train.add_argument(
+        "--adam_implementation",
+        choices=("auto", "default", "foreach", "fused"),
+        default="auto",
+        help="AdamW kernels: 'fused' (one kernel over all parameters), 'foreach' "
+        "(multi-tensor), 'default' (torch's choice: a per-tensor loop on CPU). 'auto': fused on "
+        "CPU and CUDA (5x faster than the loop on CPU), torch's choice under FSDP2.",
     )
 
     lora = parser.add_argument_group("LoRA")

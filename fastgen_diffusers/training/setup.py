@@ -261,6 +261,11 @@ def build_networks(run: Run, teacher: Teacher) -> Networks:
                 enable_gradient_checkpointing(net.module)
             else:
                 net.enable_gradient_checkpointing()
+    if args.compile_blocks:
+        from ..plugins.common import compile_blocks
+
+        for net in (nets.student, nets.fake_score, nets.teacher):
+            compile_blocks(net)  # blocks shared between networks compile once
     discriminator = None
     if run.cfg.gan_loss_weight_gen > 0:
         family.attach_feature_capture(nets.teacher)
@@ -289,6 +294,12 @@ def make_trainer(run: Run, networks: Networks) -> Trainer:
         "discriminator": other_updates,
     }
 
+    kernel = args.adam_implementation
+    if kernel == "auto":
+        fusable = run.device.type in ("cpu", "cuda") and not is_fsdp2(run.accelerator)
+        kernel = "fused" if fusable else "default"
+    adam_kernel = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[kernel]
+
     def make_optimizer(role: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
             params,
@@ -296,6 +307,7 @@ def make_trainer(run: Run, networks: Networks) -> Trainer:
             betas=(args.adam_beta1, args.adam_beta2),
             weight_decay=args.adam_weight_decay,
             eps=args.adam_epsilon,
+            **adam_kernel,
         )
 
     def make_scheduler(role: str, optimizer: torch.optim.Optimizer):
