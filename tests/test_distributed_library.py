@@ -110,7 +110,7 @@ def _worker(rank: int, out_dir: str) -> None:
 def rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     mp.spawn(_worker, args=(str(out),), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 def test_full_tensor_ema_equals_single_process_ema(rank_results):

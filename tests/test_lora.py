@@ -403,7 +403,7 @@ def test_adapter_checkpoint_resume_is_exact(tmp_path):
     straight = [step(nets, pipe, opts, s) for s in (1, 2)]
 
     nets2, pipe2, opts2 = setup()
-    saved = torch.load(tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     for role, opt in opts2.items():
         getattr(nets2, role).load_state_dict(saved[role]["weights"])
         opt.load_state_dict(saved[role]["opt"])
@@ -456,7 +456,7 @@ def _ddp_worker(rank: int, world: int, out: str) -> None:
 
 def test_ddp_all_reduces_both_adapters(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     # single-process gradients of each rank's data, averaged = what DDP must give every rank
     expected = {}

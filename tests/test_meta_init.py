@@ -78,7 +78,7 @@ def _worker(rank: int, out: str) -> None:
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("meta")
     mp.spawn(_worker, args=(str(out),), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
 def test_sharded_fake_score_equals_the_teacher_on_every_rank(ranks):
