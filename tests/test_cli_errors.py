@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from tiny_pipelines import save_tiny_sd3, save_tiny_wan
 
-from fastgen_diffusers.loader import builtin_recipes
+from fastgen_diffusers.loader import builtin_recipes, load_dmd_config
 from fastgen_diffusers.plugins.base import Family
 from fastgen_diffusers.training import main
 
@@ -96,6 +96,21 @@ def files(tmp_path_factory):
     blob = weights.read_bytes()
     (ckpt / "checkpoint-3" / "model.safetensors").write_bytes(blob[: len(blob) // 2])
     f["ckpt_out"] = ckpt
+    # A complete checkpoint of another run: other layout and guidance (its run.json).
+    other = root / "other_run" / "checkpoint-5"
+    other.mkdir(parents=True)
+    (other / "COMPLETE").write_text("5\n")
+    recipe = load_dmd_config(f["recipe"], overrides={"guidance_scale": 5.0})
+    record = {
+        "recipe": recipe.model_dump(mode="json"),
+        "layout": "shared_lora",
+        "family": "sd3",
+        "model": str(f["sd3"]),
+        "global_batch": 1,
+        "world_size": 1,
+    }
+    (other / "run.json").write_text(json.dumps(record))
+    f["other_run"] = root / "other_run"
 
     not_dir = root / "a_file"
     not_dir.write_text("")
@@ -320,6 +335,11 @@ CASES = [
         "resume_truncated_file",
         {"--resume_from_checkpoint": ["checkpoint-3"], "--output_dir": [F("ckpt_out")]},
         ["model.safetensors", "damaged"],
+    ),
+    (
+        "resume_another_run",
+        {"--resume_from_checkpoint": ["latest"], "--output_dir": [F("other_run")]},
+        ["checkpoint-5", "layout: 'shared_lora' -> 'full'", "recipe.guidance_scale: 5.0 -> "],
     ),
     ("output_unwritable", {"--output_dir": [F("unwritable")]}, ["--output_dir", "not writable"]),
     (

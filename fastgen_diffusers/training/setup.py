@@ -135,7 +135,30 @@ def setup_run(args: TrainingArguments) -> Run:
         t_list = [cfg.sample_t_cfg.max_t, 0.0]
     weight_dtype = _WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
     hub_repo_id = _prepare_hub(accelerator, args) if args.push_to_hub else None
-    return Run(args, cfg, accelerator, output_dir, weight_dtype, t_list, hub_repo_id)
+    run = Run(args, cfg, accelerator, output_dir, weight_dtype, t_list, hub_repo_id)
+    path = resolve_resume(resume_target(args), output_dir)
+    if path is not None:  # before the teacher loads: another run's checkpoint costs seconds
+        check_resume_record(run, checked.family.name, path)
+    return run
+
+
+def check_resume_record(run: Run, family: str, path: Path) -> None:
+    """The checkpoint's ``run.json`` against this run (recipe, layout, family, model, global
+    batch): a :class:`~.errors.UserError` listing the differences unless
+    ``--allow_resume_changes`` (then they are printed)."""
+    saved = path / RUN_RECORD
+    if not saved.is_file():
+        raise UserError(
+            f"{path} has no {RUN_RECORD}: it was not written by this version of the training "
+            "code and cannot be resumed",
+            fix="start a new run (another --output_dir), or resume from a newer checkpoint",
+        )
+    check_resume(
+        json.loads(saved.read_text()),
+        run_record(run, family),
+        checkpoint=path,
+        allow=run.args.allow_resume_changes,
+    )
 
 
 def _prepare_hub(accelerator: Accelerator, args: TrainingArguments) -> str:
@@ -341,9 +364,9 @@ def make_trainer(run: Run, networks: Networks) -> Trainer:
 def resume(run: Run, trainer: Trainer, num_samples: int, family: str | None = None) -> Progress:
     """The data order and iteration counter, restored with the networks, optimizers, schedules,
     EMA and random generators from ``--resume_from_checkpoint`` when given (on any number of
-    ranks, the global batch unchanged). The checkpoint's ``run.json`` must match this run
-    (recipe, layout, family, model, global batch) unless ``--allow_resume_changes``. Writes this
-    run's ``run.json``; a resumed run's ``logs/losses.jsonl`` is cut back to the checkpoint."""
+    ranks, the global batch unchanged; :func:`setup_run` has compared the checkpoint's
+    ``run.json`` with this run). Writes this run's ``run.json``; a resumed run's
+    ``logs/losses.jsonl`` is cut back to the checkpoint."""
     args, accelerator = run.args, run.accelerator
     progress = Progress(ResumableRandomSampler(num_samples, seed=args.seed), Counter())
     # Building the networks draws differently per rank (weights on the meta device draw
@@ -352,19 +375,6 @@ def resume(run: Run, trainer: Trainer, num_samples: int, family: str | None = No
     record = run_record(run, family)
     path = resolve_resume(resume_target(args), run.output_dir)
     if path is not None:
-        saved = path / RUN_RECORD
-        if not saved.is_file():
-            raise UserError(
-                f"{path} has no {RUN_RECORD}: it was not written by this version of the training "
-                "code and cannot be resumed",
-                fix="start a new run (another --output_dir), or resume from a newer checkpoint",
-            )
-        check_resume(
-            json.loads(saved.read_text()),
-            record,
-            checkpoint=path,
-            allow=args.allow_resume_changes,
-        )
         try:
             step = load_checkpoint(run, trainer, progress, path)
         except _DAMAGED_FILE_ERRORS as err:
