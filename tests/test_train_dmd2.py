@@ -635,3 +635,88 @@ def test_shared_lora_resume_reproduces_the_straight_run(tmp_path):
     wa = load_file(straight / "pytorch_lora_weights.safetensors")
     wb = load_file(resumed / "pytorch_lora_weights.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # Every checkpoint of the straight run is a LoRA the stock pipeline loads: the EMA adapter
+    # at that step, exactly (fp32 run), and it samples as sample_student does.
+    from diffusers import StableDiffusion3Pipeline
+
+    family = family_from_pretrained(model)
+    for checkpoint in (straight / "checkpoint-3", straight / "checkpoint-6"):
+        lora = load_file(checkpoint / "pytorch_lora_weights.safetensors")
+        ema = {k.replace(".student.", "."): v for k, v in _state_tensors(checkpoint, "ema").items()}
+        assert lora.keys() == ema.keys() and all(torch.equal(lora[k], ema[k]) for k in lora)
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            model,
+            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(
+                checkpoint, subfolder="scheduler"
+            ),
+        )
+        pipe.load_lora_weights(checkpoint)
+        stock, ours = _stock_and_ours(family, pipe, [0.999, 0.0])
+        torch.testing.assert_close(stock, ours, rtol=1e-4, atol=1e-5)
+    last = load_file(straight / "checkpoint-6" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(last[k], wa[k]) for k in wa)  # the final export
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide precision: reset it around a run that sets another."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_save_dtype_follows_the_teacher_unless_upcast(tmp_path):
+    """A bf16 run saves bf16 weights (checkpoints too) by default, fp32 with
+    --upcast_before_saving or --save_dtype fp32; each loads in the stock pipeline."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    model = save_tiny_sd3(tmp_path / "model")
+    recipe = write_recipe(tmp_path / "recipe.yaml", SD3_RECIPE)
+    data = write_prompts(tmp_path / "p.jsonl")
+    common = ("--max_train_steps", "2", "--mixed_precision", "bf16", "--allow_tf32")
+    runs = {
+        "default": (),
+        "upcast": ("--upcast_before_saving",),
+        "fp32": ("--save_dtype", "fp32"),
+    }
+    weights = {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        train(args_for(model, recipe, data, out, *common, *extra))
+        weights[name] = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+        ckpt = load_file(
+            out / "checkpoint-2" / "transformer" / "diffusion_pytorch_model.safetensors"
+        )
+        assert all(torch.equal(ckpt[k], weights[name][k]) for k in ckpt)
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            model,
+            transformer=SD3Transformer2DModel.from_pretrained(out, subfolder="transformer"),
+            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler"),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        image = pipe(
+            "a cat",
+            height=16,
+            width=24,
+            output_type="np",
+            **family_from_pretrained(model).stock_pipeline_kwargs([0.999, 0.0]),
+        ).images
+        assert np.isfinite(image).all() and image.std() > 0
+    assert {v.dtype for v in weights["default"].values()} == {torch.bfloat16}
+    for name in ("upcast", "fp32"):
+        assert {v.dtype for v in weights[name].values()} == {torch.float32}
+    # One training (same seed and settings): the bf16 file is the fp32 weights rounded.
+    assert all(torch.equal(weights["upcast"][k], weights["fp32"][k]) for k in weights["fp32"])
+    assert all(
+        torch.equal(weights["fp32"][k].to(torch.bfloat16), weights["default"][k])
+        for k in weights["fp32"]
+    )
+    with pytest.raises(SystemExit):  # argparse: exit status 2 with the message on stderr
+        args_for(
+            model, recipe, data, tmp_path / "x", "--upcast_before_saving", "--save_dtype", "bf16"
+        )
