@@ -195,7 +195,9 @@ BF16_WEIGHT_ATOL = 5e-3
 
 FP32 = ["--mixed_precision", "no"]  # overrides the README config's bf16
 # The README's config as it is (bf16) on 2 ranks; the one process told bf16 on the command line.
-BF16_ONE = ["--mixed_precision", "bf16"]
+# Weights saved in fp32 (a bf16 run saves bf16 by default): compared to the bound above.
+BF16_ONE = ["--mixed_precision", "bf16", "--upcast_before_saving"]
+BF16_TWO = ["--upcast_before_saving"]
 
 
 @pytest.mark.parametrize(
@@ -214,9 +216,11 @@ def test_two_ranks_equal_one_process(setup, name, layout, precision):
     two = root / f"two-{name}"
     layout = [str(root / a) if a in ("gan.yaml", "images") else a for a in layout]
     extra = [*layout, "--validation_prompts", "a cat", "--validation_steps", str(STEPS)]
-    one_extra, two_extra = (FP32, FP32) if precision == "fp32" else (BF16_ONE, [])
+    one_extra, two_extra = (FP32, FP32) if precision == "fp32" else (BF16_ONE, BF16_TWO)
     train(parse_args(argv(root, model, one, GLOBAL_BATCH, *extra, *one_extra)))
     torchrun(HARNESS, *argv(root, model, two, GLOBAL_BATCH // 2, *extra, *two_extra))
+    # The last checkpoint holds the student gathered as the final export is.
+    assert_same_weights(two / f"checkpoint-{STEPS}", two, atol=0)
     if precision == "bf16":
         assert_same_losses(one, two, BF16_LOSS_RTOL, BF16_LOSS_ATOL)
         assert_same_weights(one, two, BF16_WEIGHT_ATOL)

@@ -95,8 +95,9 @@ def to_device(
 def setup_run(args: TrainingArguments) -> Run:
     """The checks that need no weights (:func:`~.preflight.preflight`: flags, recipe, teacher
     configs, sizes, dataset, checkpoint, a writable output folder; the trackers' packages;
-    with ``--push_to_hub`` the Hub login and repo), then accelerate, logging, the seed and the
-    recipe. A mistake raises :class:`~.errors.UserError` before any model is loaded."""
+    with ``--push_to_hub`` the Hub login and repo; an output folder holding another run's export,
+    :func:`~.export.other_run_export`), then accelerate, logging, the seed and the recipe. A
+    mistake raises :class:`~.errors.UserError` before any model is loaded."""
     checked = preflight(args)  # first: a mistake costs seconds, not a teacher load
     stale_export = other_run_export(args)  # another run's export: refused or, if asked, removed
     output_dir = Path(args.output_dir)
