@@ -45,11 +45,13 @@ __all__ = [
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    # Floating tensors only; a tensor already in ``dtype`` is not copied.
+def _cast(
+    state: dict[str, torch.Tensor], dtype: torch.dtype | None, device: str | None = None
+) -> dict[str, torch.Tensor]:
+    # Floating tensors only; a tensor already in ``dtype`` (and on ``device``) is not copied.
     if dtype is None:
         return state
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return {k: v.to(device, dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def _unsharded_copy(transformer: nn.Module, prefix: str, gathered: dict[str, torch.Tensor]):
@@ -77,8 +79,10 @@ def _save_transformer(
         prefix = "transformer." if transformer is not model else ""
         transformer = _unsharded_copy(transformer, prefix, _cast(gathered, dtype))
     elif dtype is not None and any(p.dtype != dtype for p in transformer.parameters()):
-        # The training model keeps its fp32 weights: a cast copy is saved.
-        transformer = _unsharded_copy(transformer, "", _cast(transformer.state_dict(), dtype))
+        # The training model keeps its fp32 weights: a cast copy, on the host (where
+        # save_pretrained brings every tensor anyway), is saved.
+        state = _cast(transformer.state_dict(), dtype, "cpu")
+        transformer = _unsharded_copy(transformer, "", state)
     final = output_dir / "transformer"
     with atomic_directory(final) as tmp:  # an existing transformer/ is swapped out whole
         transformer.save_pretrained(tmp)
