@@ -217,9 +217,6 @@ def test_two_ranks_equal_one_process(setup, name, layout, precision):
     layout = [str(root / a) if a in ("gan.yaml", "images") else a for a in layout]
     extra = [*layout, "--validation_prompts", "a cat", "--validation_steps", str(STEPS)]
     one_extra, two_extra = (FP32, FP32) if precision == "fp32" else (BF16_ONE, BF16_TWO)
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)  # an earlier run in this process set another precision
     train(parse_args(argv(root, model, one, GLOBAL_BATCH, *extra, *one_extra)))
     torchrun(HARNESS, *argv(root, model, two, GLOBAL_BATCH // 2, *extra, *two_extra))
     # The last checkpoint holds the student gathered as the final export is.
