@@ -247,8 +247,10 @@ def test_resume_on_two_ranks_equals_straight_run(setup):
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "COMPLETE",
         "run.json",
+        "scheduler",  # with transformer/: the student as the stock pipeline loads it
         "state",
         "trainer_state.json",
+        "transformer",
     ]
     shards = []
     for f in files:
@@ -256,6 +258,12 @@ def test_resume_on_two_ranks_equals_straight_run(setup):
             shards.append({k: st.get_tensor(k) for k in st.keys() if k.startswith("ema/")})
     sharded = [k for k in shards[0] if k in shards[1] and shards[0][k].shape[0] > 0]
     assert sharded and any(not torch.equal(shards[0][k], shards[1][k]) for k in sharded)
+    # The checkpoint's transformer/ is the EMA its ranks' shards form, gathered exactly.
+    student = load_file(checkpoint / "transformer" / "diffusion_pytorch_model.safetensors")
+    for key in shards[0]:
+        if key.startswith("ema/transformer."):
+            full = torch.cat([shards[0][key], shards[1][key]])
+            assert torch.equal(student[key.removeprefix("ema/transformer.")], full), key
 
     # A second run picks the straight run up at its step-2 checkpoint.
     shutil.copytree(checkpoint, resumed / "checkpoint-2")
