@@ -5,7 +5,9 @@
 Trains the tiny SD3 pipeline of the tests (built from configs, nothing downloaded) for two
 iterations in each layout, then prints, per layout: the fp32 bytes of the trained weights, the
 trainable state (weights + two AdamW moments + the student EMA), the tensor payload and the
-total size of ``checkpoint-2``, and the frozen transformer's bytes (never written). The
+size of ``checkpoint-2``'s training state, the bytes of the loadable student it also holds
+(``transformer/`` or ``pytorch_lora_weights.safetensors`` and ``scheduler/``, EMA weights, in
+the teacher's dtype: fp32 here), and the frozen transformer's bytes (never written). The
 difference between payload and folder is safetensors headers and JSON: a fixed amount per
 tensor, which dominates only for tensors as tiny as these.
 """
@@ -70,14 +72,23 @@ def main() -> None:
             }
             trainable = 3 * sum(weights.values()) + weights["student"]
             payload = sum(tensors.values())
-            total = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
-            rows.append((layout, sum(weights.values()), trainable, payload, total, base))
+            files = [p for p in ckpt.rglob("*") if p.is_file()]
+            loadable = ("transformer", "scheduler", "pytorch_lora_weights.safetensors")
+            student = sum(
+                p.stat().st_size for p in files if p.relative_to(ckpt).parts[0] in loadable
+            )
+            total = sum(p.stat().st_size for p in files) - student
+            rows.append((layout, sum(weights.values()), trainable, payload, total, student, base))
     print()
-    header = ("layout", "trained weights", "trainable state", "tensor payload", "folder", "ratio")
-    print("| " + " | ".join(header) + " | frozen transformer (not saved) |")
-    print("|" + "---|" * (len(header) + 1))
-    for layout, w, t, p, total, base in rows:
-        print(f"| {layout} | {w:,} | {t:,} | {p:,} | {total:,} | {p / t:.3f} | {base:,} |")
+    header = ("layout", "trained weights", "trainable state", "tensor payload", "state folder")
+    header += ("ratio", "loadable student", "frozen transformer (not saved)")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for layout, w, t, p, total, student, base in rows:
+        print(
+            f"| {layout} | {w:,} | {t:,} | {p:,} | {total:,} | {p / t:.3f} | {student:,} "
+            f"| {base:,} |"
+        )
 
 
 if __name__ == "__main__":

@@ -480,18 +480,21 @@ def _build(teacher: nn.Module, layout: str, lora: LoraSettings, share_storage: b
 
 
 def student_lora_state_dict(
-    student: AdapterRole, gathered: Mapping[str, torch.Tensor] | None = None
+    student: AdapterRole,
+    gathered: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """The student adapter in diffusers' LoRA key format (``...lora_A.weight``, no adapter
     name), on the CPU.
 
     ``gathered``: the role's ``state_dict()`` with full tensors (an FSDP2-sharded model's
     adapter gathered onto one process), used instead of the model's own weights.
+    ``dtype``: the returned tensors' dtype (default: as trained).
     """
     inner = _adapted_model(student.module)
     if gathered is None:
         state = get_peft_model_state_dict(inner, adapter_name=student.adapter)
-        return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
     prefix = next(name for name, m in student.module.named_modules() if m is inner)
     prefix = f"{prefix}." if prefix else ""
     tag = f".{student.adapter}."
@@ -499,7 +502,7 @@ def student_lora_state_dict(
     for key, value in gathered.items():
         if not key.startswith(prefix) or tag not in key:
             raise KeyError(f"{key!r} is not a weight of adapter {student.adapter!r}")
-        out[key[len(prefix) :].replace(tag, ".")] = value.detach().to("cpu").contiguous()
+        out[key[len(prefix) :].replace(tag, ".")] = value.detach().to("cpu", dtype).contiguous()
     return out
 
 
@@ -515,11 +518,12 @@ def save_student_lora(
     save_directory: str | os.PathLike,
     weight_name: str = "pytorch_lora_weights.safetensors",
     gathered: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> str:
     """Write the student adapter where ``Pipeline.load_lora_weights(save_directory)`` finds it,
     with its adapter metadata (rank, alpha, targets). The file is written under a temporary
     name and renamed, so an interrupted save leaves no partial file. Returns the file's path.
-    ``gathered``: see :func:`student_lora_state_dict`.
+    ``gathered``, ``dtype``: see :func:`student_lora_state_dict`.
     """
     inner = _adapted_model(student.module)
     family = _family_class(inner)
@@ -531,7 +535,7 @@ def save_student_lora(
     with atomic_path(final) as tmp:  # diffusers writes <save_directory>/<weight_name>
         loader.save_lora_weights(
             str(tmp.parent),
-            transformer_lora_layers=student_lora_state_dict(student, gathered),
+            transformer_lora_layers=student_lora_state_dict(student, gathered, dtype),
             transformer_lora_adapter_metadata=_lora_metadata(student),
             weight_name=tmp.name,
         )

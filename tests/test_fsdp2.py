@@ -195,7 +195,9 @@ BF16_WEIGHT_ATOL = 5e-3
 
 FP32 = ["--mixed_precision", "no"]  # overrides the README config's bf16
 # The README's config as it is (bf16) on 2 ranks; the one process told bf16 on the command line.
-BF16_ONE = ["--mixed_precision", "bf16"]
+# Weights saved in fp32 (a bf16 run saves bf16 by default): compared to the bound above.
+BF16_ONE = ["--mixed_precision", "bf16", "--upcast_before_saving"]
+BF16_TWO = ["--upcast_before_saving"]
 
 
 @pytest.mark.parametrize(
@@ -214,9 +216,11 @@ def test_two_ranks_equal_one_process(setup, name, layout, precision):
     two = root / f"two-{name}"
     layout = [str(root / a) if a in ("gan.yaml", "images") else a for a in layout]
     extra = [*layout, "--validation_prompts", "a cat", "--validation_steps", str(STEPS)]
-    one_extra, two_extra = (FP32, FP32) if precision == "fp32" else (BF16_ONE, [])
+    one_extra, two_extra = (FP32, FP32) if precision == "fp32" else (BF16_ONE, BF16_TWO)
     train(parse_args(argv(root, model, one, GLOBAL_BATCH, *extra, *one_extra)))
     torchrun(HARNESS, *argv(root, model, two, GLOBAL_BATCH // 2, *extra, *two_extra))
+    # The last checkpoint holds the student gathered as the final export is.
+    assert_same_weights(two / f"checkpoint-{STEPS}", two, atol=0)
     if precision == "bf16":
         assert_same_losses(one, two, BF16_LOSS_RTOL, BF16_LOSS_ATOL)
         assert_same_weights(one, two, BF16_WEIGHT_ATOL)
@@ -243,8 +247,10 @@ def test_resume_on_two_ranks_equals_straight_run(setup):
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "COMPLETE",
         "run.json",
+        "scheduler",  # with transformer/: the student as the stock pipeline loads it
         "state",
         "trainer_state.json",
+        "transformer",
     ]
     shards = []
     for f in files:
@@ -252,6 +258,12 @@ def test_resume_on_two_ranks_equals_straight_run(setup):
             shards.append({k: st.get_tensor(k) for k in st.keys() if k.startswith("ema/")})
     sharded = [k for k in shards[0] if k in shards[1] and shards[0][k].shape[0] > 0]
     assert sharded and any(not torch.equal(shards[0][k], shards[1][k]) for k in sharded)
+    # The checkpoint's transformer/ is the EMA its ranks' shards form, gathered exactly.
+    student = load_file(checkpoint / "transformer" / "diffusion_pytorch_model.safetensors")
+    for key in shards[0]:
+        if key.startswith("ema/transformer."):
+            full = torch.cat([shards[0][key], shards[1][key]])
+            assert torch.equal(student[key.removeprefix("ema/transformer.")], full), key
 
     # A second run picks the straight run up at its step-2 checkpoint.
     shutil.copytree(checkpoint, resumed / "checkpoint-2")

@@ -154,15 +154,18 @@ def test_uploaded_card_has_no_local_path_and_inherits_licence_tags_and_gallery(h
         assert row in readme
 
 
-def test_checkpoints_are_pushed_without_training_state(hub_run):
+def test_checkpoints_are_pushed_as_loadable_students_without_training_state(hub_run):
     files = hub_run["hub"].repos["stand-in-user/sd3-dmd2"]["files"]
     pushed = sorted(f for f in files if f.startswith("checkpoint-"))
-    assert "checkpoint-1/model.safetensors" in pushed
-    assert all(f.endswith((".safetensors", ".json")) for f in pushed)  # no optimizer, no pickle
-    # The final upload leaves local checkpoints out; only the pushed checkpoint-1 is there.
-    assert {f.split("/")[0] for f in pushed} == {"checkpoint-1"}
-    local = hub_run["out"] / "checkpoint-1" / "model.safetensors"
-    assert files["checkpoint-1/model.safetensors"] == local.read_bytes()
+    # What load_lora_weights(repo, subfolder="checkpoint-1") reads; no optimizer, RNG or DCP
+    # state, no trainer_state.json.
+    assert pushed == [
+        f"checkpoint-{step}/{name}"
+        for step in (1, 2)
+        for name in ("pytorch_lora_weights.safetensors", "scheduler/scheduler_config.json")
+    ]
+    for name in pushed:
+        assert files[name] == (hub_run["out"] / name).read_bytes()
 
 
 def test_wandb_offline_receives_the_validation_images(hub_run):

@@ -193,6 +193,125 @@ def test_sd3_export_runs_in_the_stock_pipeline(sd3_run):
     assert diff > 1e-6
 
 
+def _state_tensors(checkpoint: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's training-state tensors named ``<prefix>/...`` (one process wrote it:
+    one file holding the full tensors), without the prefix."""
+    from safetensors.torch import load_file
+
+    (state,) = (checkpoint / "state").glob("*.safetensors")
+    return {k[len(prefix) + 1 :]: v for k, v in load_file(state).items() if k.startswith(prefix)}
+
+
+def _stock_and_ours(family, pipe, t_list: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One "a cat" sample from the stock pipeline and from ``sample_student`` with the
+    pipeline's (loaded) transformer, from the same noise."""
+    pipe.set_progress_bar_config(disable=True)
+    shape = family.latent_shape(pipe, 16, 24)
+    noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
+    stock = pipe(
+        prompt="a cat",
+        latents=t_list[0] * noise,
+        output_type="latent",
+        height=16,
+        width=24,
+        **family.stock_pipeline_kwargs(t_list),
+    ).images
+    cond = family.encode_prompts(pipe, ["a cat"])
+    ehs = cond.pop("encoder_hidden_states")
+    ours = sample_student(
+        family.wrap(pipe.transformer), noise, t_list, encoder_hidden_states=ehs, model_kwargs=cond
+    )
+    return stock, ours
+
+
+def test_every_checkpoint_is_a_student_the_stock_pipeline_loads(sd3_run):
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    root, model, recipe, data, out = sd3_run
+    family = family_from_pretrained(model)
+    t_list = [0.999, 0.0]
+    expected_scheduler = family.student_scheduler_config(
+        t_list, "ode", dict(family.load_pipeline(model).scheduler.config)
+    )
+    for checkpoint in (out / "checkpoint-4", out / "checkpoint-6"):
+        weights = load_file(checkpoint / "transformer" / "diffusion_pytorch_model.safetensors")
+        # The EMA weights at that step, exactly (fp32 run: saved in fp32, no rounding).
+        ema = _state_tensors(checkpoint, "ema")
+        assert weights.keys() == {k.removeprefix("transformer.") for k in ema}
+        assert all(torch.equal(weights[k.removeprefix("transformer.")], v) for k, v in ema.items())
+        assert not torch.equal(
+            ema["transformer.proj_out.weight"],
+            _state_tensors(checkpoint, "student")["transformer.proj_out.weight"],
+        )  # the EMA, not the live one
+        # Written by diffusers' SchedulerMixin.save_pretrained, the family's values kept.
+        saved = json.loads((checkpoint / "scheduler" / "scheduler_config.json").read_text())
+        assert saved["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+        assert "_diffusers_version" in saved
+        assert {k: saved[k] for k in expected_scheduler if k != "_class_name"} == {
+            k: v for k, v in expected_scheduler.items() if k != "_class_name"
+        }
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            model,
+            transformer=SD3Transformer2DModel.from_pretrained(checkpoint, subfolder="transformer"),
+            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(
+                checkpoint, subfolder="scheduler"
+            ),
+        )
+        stock, ours = _stock_and_ours(family, pipe, t_list)
+        # Same fp32 weights, same noise: only the scheduler's arithmetic order differs (as in
+        # the final export's test).
+        torch.testing.assert_close(stock, ours, rtol=1e-4, atol=1e-5)
+    # The last checkpoint holds what the final export holds.
+    final = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    last = load_file(out / "checkpoint-6" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    assert (out / "scheduler" / "scheduler_config.json").read_text() == (
+        out / "checkpoint-6" / "scheduler" / "scheduler_config.json"
+    ).read_text()
+
+
+def test_output_folder_holds_one_run(sd3_run, tmp_path):
+    from fastgen_diffusers.training.errors import UserError
+    from fastgen_diffusers.training.export import other_run_export
+
+    root, model, recipe, data, out = sd3_run
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for name in ("transformer", "scheduler", "validation", "checkpoint-6"):
+        shutil.copytree(out / name, folder / name)
+    for name in ("README.md", "run.json"):
+        shutil.copy(out / name, folder / name)
+    same = args_for(model, recipe, data, folder, "--max_train_steps", "6")
+    assert other_run_export(same) == []  # the same run again (a resume): nothing to refuse
+    lora = ("--use_lora", "--rank", "4", "--max_train_steps", "1", "--checkpointing_steps", "1")
+    with pytest.raises(UserError, match=r"a full student \(transformer/\).*--overwrite_output_dir"):
+        train(args_for(model, recipe, data, folder, *lora))
+    record = json.loads((folder / "run.json").read_text())
+    (folder / "run.json").write_text(json.dumps({**record, "model": "someone/other-model"}))
+    with pytest.raises(UserError, match="'someone/other-model'.*another --output_dir"):
+        train(args_for(model, recipe, data, folder, "--max_train_steps", "1"))
+    (folder / "run.json").write_text(json.dumps(record))
+    assert (folder / "transformer").is_dir()  # a refused run removes nothing
+
+    train(args_for(model, recipe, data, folder, *lora, "--overwrite_output_dir"))
+    names = sorted(p.name for p in folder.iterdir() if p.name != "cache")
+    # The old export is gone, its checkpoint kept; the new run's export only.
+    assert names == [
+        "README.md",
+        "checkpoint-1",
+        "checkpoint-6",
+        "logs",
+        "pytorch_lora_weights.safetensors",
+        "run.json",
+        "scheduler",
+    ]
+    assert json.loads((folder / "run.json").read_text())["layout"] == "shared_lora"
+    # and the other way round: a full run into the LoRA folder is refused
+    with pytest.raises(UserError, match=r"a LoRA student \(pytorch_lora_weights"):
+        train(args_for(model, recipe, data, folder, "--max_train_steps", "1"))
+
+
 def test_resume_reproduces_the_straight_run_exactly(sd3_run, tmp_path):
     root, model, recipe, data, out = sd3_run
     resumed = tmp_path / "resumed"
@@ -516,3 +635,88 @@ def test_shared_lora_resume_reproduces_the_straight_run(tmp_path):
     wa = load_file(straight / "pytorch_lora_weights.safetensors")
     wb = load_file(resumed / "pytorch_lora_weights.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # Every checkpoint of the straight run is a LoRA the stock pipeline loads: the EMA adapter
+    # at that step, exactly (fp32 run), and it samples as sample_student does.
+    from diffusers import StableDiffusion3Pipeline
+
+    family = family_from_pretrained(model)
+    for checkpoint in (straight / "checkpoint-3", straight / "checkpoint-6"):
+        lora = load_file(checkpoint / "pytorch_lora_weights.safetensors")
+        ema = {k.replace(".student.", "."): v for k, v in _state_tensors(checkpoint, "ema").items()}
+        assert lora.keys() == ema.keys() and all(torch.equal(lora[k], ema[k]) for k in lora)
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            model,
+            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(
+                checkpoint, subfolder="scheduler"
+            ),
+        )
+        pipe.load_lora_weights(checkpoint)
+        stock, ours = _stock_and_ours(family, pipe, [0.999, 0.0])
+        torch.testing.assert_close(stock, ours, rtol=1e-4, atol=1e-5)
+    last = load_file(straight / "checkpoint-6" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(last[k], wa[k]) for k in wa)  # the final export
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide precision: reset it around a run that sets another."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_save_dtype_follows_the_teacher_unless_upcast(tmp_path):
+    """A bf16 run saves bf16 weights (checkpoints too) by default, fp32 with
+    --upcast_before_saving or --save_dtype fp32; each loads in the stock pipeline."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    model = save_tiny_sd3(tmp_path / "model")
+    recipe = write_recipe(tmp_path / "recipe.yaml", SD3_RECIPE)
+    data = write_prompts(tmp_path / "p.jsonl")
+    common = ("--max_train_steps", "2", "--mixed_precision", "bf16", "--allow_tf32")
+    runs = {
+        "default": (),
+        "upcast": ("--upcast_before_saving",),
+        "fp32": ("--save_dtype", "fp32"),
+    }
+    weights = {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        train(args_for(model, recipe, data, out, *common, *extra))
+        weights[name] = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+        ckpt = load_file(
+            out / "checkpoint-2" / "transformer" / "diffusion_pytorch_model.safetensors"
+        )
+        assert all(torch.equal(ckpt[k], weights[name][k]) for k in ckpt)
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            model,
+            transformer=SD3Transformer2DModel.from_pretrained(out, subfolder="transformer"),
+            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler"),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        image = pipe(
+            "a cat",
+            height=16,
+            width=24,
+            output_type="np",
+            **family_from_pretrained(model).stock_pipeline_kwargs([0.999, 0.0]),
+        ).images
+        assert np.isfinite(image).all() and image.std() > 0
+    assert {v.dtype for v in weights["default"].values()} == {torch.bfloat16}
+    for name in ("upcast", "fp32"):
+        assert {v.dtype for v in weights[name].values()} == {torch.float32}
+    # One training (same seed and settings): the bf16 file is the fp32 weights rounded.
+    assert all(torch.equal(weights["upcast"][k], weights["fp32"][k]) for k in weights["fp32"])
+    assert all(
+        torch.equal(weights["fp32"][k].to(torch.bfloat16), weights["default"][k])
+        for k in weights["fp32"]
+    )
+    with pytest.raises(SystemExit):  # argparse: exit status 2 with the message on stderr
+        args_for(
+            model, recipe, data, tmp_path / "x", "--upcast_before_saving", "--save_dtype", "bf16"
+        )

@@ -255,13 +255,22 @@ def test_free_encoders_drops_text_encoders_and_tokenizers(saved, name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_student_scheduler_makes_the_stock_pipeline_follow_t_list(saved, name):
-    """The exported student's scheduler config and call arguments make the stock pipeline
-    reproduce the few-step sampler fed with the cached conditioning."""
+def test_student_scheduler_makes_the_stock_pipeline_follow_t_list(saved, name, tmp_path):
+    """The exported student's scheduler (written as the export writes it, by diffusers'
+    save_pretrained) and call arguments make the stock pipeline reproduce the few-step sampler
+    fed with the cached conditioning."""
+    from fastgen_diffusers.training.export import write_scheduler
+
     family, pipe = _load(saved, name)
     t_list = [0.999, 0.5, 0.0]
     config = family.student_scheduler_config(t_list, "ode", pipe.scheduler.config)
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    written = json.loads(write_scheduler(tmp_path, config).read_text())
+    assert written["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    values = {k: v for k, v in config.items() if k != "_class_name"}
+    assert {k: written[k] for k in values} == values  # diffusers adds defaults, keeps these
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        tmp_path, subfolder="scheduler"
+    )
     noise = _noise(family, pipe, name, batch=1, seed=7)
     start = (noise.double() * t_list[0]).float()  # stock pipelines use latents as given
     out = pipe(

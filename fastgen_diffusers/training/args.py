@@ -98,6 +98,10 @@ class TrainingArguments:
     ddp_timeout: int
     compile_blocks: bool
     adam_implementation: str
+    save_dtype: str | None
+    upcast_before_saving: bool
+    allow_tf32: bool
+    overwrite_output_dir: bool
     # LoRA
     use_lora: bool
     lora_layout: str
@@ -415,6 +419,33 @@ def build_parser() -> argparse.ArgumentParser:
         "(multi-tensor), 'default' (torch's choice: a per-tensor loop on CPU). 'auto': fused on "
         "CPU and CUDA (5x faster than the loop on CPU), torch's choice under FSDP2.",
     )
+    train.add_argument(
+        "--save_dtype",
+        type=str,
+        default=None,
+        choices=["fp32", "fp16", "bf16"],
+        help="dtype of the exported student and of each checkpoint's loadable copy (default: "
+        "the teacher's dtype, i.e. --mixed_precision's: a bf16 run saves bf16 weights).",
+    )
+    train.add_argument(
+        "--upcast_before_saving",
+        action="store_true",
+        help="Save the trained weights in fp32 (instead of the teacher's dtype), as diffusers' "
+        "DreamBooth LoRA scripts do.",
+    )
+    train.add_argument(
+        "--allow_tf32",
+        action="store_true",
+        help="Allow TF32 matmuls and cuDNN convolutions on Ampere+ GPUs (faster, slightly less "
+        "precise; no effect on CPU).",
+    )
+    train.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="When --output_dir holds another run's export (another layout or base model), "
+        "remove that export (weights, scheduler, README.md, validation images) and start; "
+        "checkpoints are kept.",
+    )
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument(
@@ -641,6 +672,11 @@ def check_arguments(args: TrainingArguments | argparse.Namespace) -> None:
                 f"--lora_target_modules {args.lora_target_modules!r} holds an empty name",
                 expected="module-name suffixes such as to_q to_k (or to_q,to_k)",
             )
+    if args.upcast_before_saving and args.save_dtype not in (None, "fp32"):
+        raise UserError(
+            f"--upcast_before_saving saves fp32 weights, but --save_dtype is {args.save_dtype}",
+            expected="one of the two (--save_dtype fp32 is the same as --upcast_before_saving)",
+        )
     if args.hub_model_id is not None and not args.hub_model_id.strip():
         raise UserError("--hub_model_id is empty", expected="a repository id such as me/student")
 

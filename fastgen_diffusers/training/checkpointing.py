@@ -13,6 +13,9 @@ A checkpoint folder ``checkpoint-<step>`` holds:
   schedules, the fp16 gradient scaler and the random-number generators (every rank draws the
   same numbers, so rank 0's state serves any rank count).
 - ``run.json`` (:mod:`.run_record`) and the ``COMPLETE`` marker.
+- the student as the final output is written (:func:`~.export.write_student`):
+  ``transformer/`` or ``pytorch_lora_weights.safetensors`` (EMA weights when the recipe has an
+  EMA) and ``scheduler/``, so the stock pipeline loads any checkpoint. Resuming ignores them.
 
 Nothing is unpickled on load: safetensors headers and JSON only (DCP's own ``.metadata`` file
 is a pickle, so its safetensors storage is used instead).
@@ -38,6 +41,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -239,9 +243,12 @@ def save_checkpoint(
     progress: Progress,
     total_limit: int | None = None,
     run_record: dict[str, Any] | None = None,
+    export: Callable[[Path], object] | None = None,
 ) -> Path:
     """Save the training state at ``progress.step`` as ``checkpoint-<step>`` (collective:
-    every rank calls it, each writing its shards); keep the newest ``total_limit``."""
+    every rank calls it, each writing its shards); keep the newest ``total_limit``. ``export``
+    is called on every rank with the checkpoint's temporary folder, before it is marked
+    complete: it writes the loadable student there."""
     import torch.distributed.checkpoint as dcp
 
     accelerator, step = run.accelerator, progress.step
@@ -280,6 +287,8 @@ def save_checkpoint(
             json.dump(trainer_state, f, separators=(",", ":"))
         if run_record is not None:
             write_json_atomic(tmp / "run.json", run_record)
+    if export is not None:
+        export(tmp)
     _barrier(run)
     if run.is_main:
         (tmp / COMPLETE_MARKER).write_text(f"{step}\n")

@@ -10,14 +10,11 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
-from ..ema import ema_weights
 from ..lora import AdapterRole
 from .console import print_student_location
-from .export import export_student
-from .parallel import full_state_dict
+from .export import write_student
 from .state import Progress, Run, Teacher, Trainer, TrainingData
 from .validation import final_image_paths, validate
 
@@ -33,15 +30,11 @@ def finish(
     accelerator, args = run.accelerator, run.args
     accelerator.wait_for_everyone()
     student = accelerator.unwrap_model(trainer.student)
-    ema = trainer.dmd.ema
-    gathered = None
-    if trainer.prepared.fsdp2:  # every rank gathers the (EMA) student; the main process writes
-        with ema_weights(ema, student) if ema is not None else contextlib.nullcontext():
-            gathered = full_state_dict(student, main_process=run.is_main)
     if progress.step % args.validation_steps:  # the final weights' grid, if not drawn yet
         validate(run, teacher, data, trainer, progress.step)
+    write_student(run, teacher, trainer, run.output_dir)  # collective under FSDP2
     if run.is_main:
-        _export(run, teacher, student, ema=None if gathered is not None else ema, gathered=gathered)
+        _write_card(run, teacher, lora=isinstance(student, AdapterRole))
     accelerator.end_training()
     if args.push_to_hub and run.is_main:
         from .hub import push_to_hub
@@ -53,20 +46,10 @@ def finish(
     )
 
 
-def _export(run: Run, teacher: Teacher, student, *, ema, gathered) -> None:
+def _write_card(run: Run, teacher: Teacher, *, lora: bool) -> None:
     from .model_card import write_model_card
 
     args, cfg, family = run.args, run.cfg, teacher.family
-    scheduler_config = family.student_scheduler_config(
-        run.t_list, cfg.student_sample_type, dict(teacher.pipe.scheduler.config)
-    )
-    export_student(
-        run.output_dir,
-        student=student,
-        scheduler_config=scheduler_config,
-        ema=ema,
-        state_dict=gathered,
-    )
     prompts = list(args.validation_prompts or [])
     # One image per prompt, drawn by the final weights, each with its own prompt.
     gallery = [
@@ -82,7 +65,7 @@ def _export(run: Run, teacher: Teacher, student, *, ema, gathered) -> None:
         recipe=cfg,
         t_list=run.t_list,
         sample_type=cfg.student_sample_type,
-        lora=isinstance(student, AdapterRole),
+        lora=lora,
         repo_id=run.hub_repo_id,
         pipeline_kwargs=family.stock_pipeline_kwargs(run.t_list),
         validation_images=gallery,

@@ -181,9 +181,14 @@ def push_to_hub(
     return str(info.commit_url)
 
 
-# What a checkpoint uploads with --push_checkpoints_to_hub: its weights in safetensors (and the
-# configs next to them), never optimizer states, RNG states or pickles.
-CHECKPOINT_UPLOAD_PATTERNS: tuple[str, ...] = ("*.safetensors", "*.json")
+# What a checkpoint uploads with --push_checkpoints_to_hub: the student as the stock pipeline
+# loads it (transformer/ or the LoRA file, scheduler/), never the training state (state/,
+# trainer_state.json, optimizer or RNG states).
+CHECKPOINT_UPLOAD_PATTERNS: tuple[str, ...] = (
+    "transformer/*",
+    "pytorch_lora_weights.safetensors",
+    "scheduler/*",
+)
 
 
 def retry_command(output_dir: str | os.PathLike, repo_id: str, *, private: bool = False) -> str:
@@ -248,8 +253,10 @@ def push_checkpoint(
     token: str | None = None,
     endpoint: str | None = None,
 ) -> str | None:
-    """Upload the weights of a completed checkpoint to the ``checkpoint-<N>/`` folder of
-    ``repo_id`` (files matching :data:`CHECKPOINT_UPLOAD_PATTERNS`); returns the commit URL.
+    """Upload the loadable student of a completed checkpoint to the ``checkpoint-<N>/`` folder
+    of ``repo_id`` (files matching :data:`CHECKPOINT_UPLOAD_PATTERNS`; ``pipe.load_lora_weights(
+    repo_id, subfolder="checkpoint-N")`` or ``from_pretrained(repo_id,
+    subfolder="checkpoint-N/transformer")`` load them); returns the commit URL.
 
     Training goes on whatever happens here: a failure is logged as a warning and returns
     ``None`` (the checkpoint stays on disk and the final push is unaffected).

@@ -28,6 +28,7 @@ from ..loader import load_dmd_config
 from .args import TrainingArguments
 from .checkpointing import save_checkpoint
 from .console import print_run_summary
+from .export import write_student
 from .finish import finish
 from .run_record import RUN_RECORD
 from .setup import (
@@ -76,7 +77,7 @@ def train(args: TrainingArguments | argparse.Namespace) -> Path:
             logs = train_step(run, teacher, data, trainer, progress)
             log_step(run, logs, progress.step, bar)
             stopping = stop.agreed(run.accelerator)
-            maybe_checkpoint(run, trainer, progress, force=stopping)
+            maybe_checkpoint(run, teacher, trainer, progress, force=stopping)
             if stopping:
                 bar.close()
                 if run.is_main:
@@ -248,14 +249,21 @@ def log_step(run: Run, logs: dict[str, float], step: int, bar: Any) -> None:
             f.write(json.dumps({"step": step, **logs}) + "\n")
 
 
-def maybe_checkpoint(run: Run, trainer: Trainer, progress: Progress, force: bool = False) -> None:
+def maybe_checkpoint(
+    run: Run, teacher: Teacher, trainer: Trainer, progress: Progress, force: bool = False
+) -> None:
     """A checkpoint every ``--checkpointing_steps`` iterations, at the last iteration, and
-    when ``force`` (a stop signal)."""
+    when ``force`` (a stop signal); each holds the student as the final export does."""
     args, step = run.args, progress.step
     if force or step % args.checkpointing_steps == 0 or step == args.max_train_steps:
         record = json.loads((run.output_dir / RUN_RECORD).read_text()) if run.is_main else None
         path = save_checkpoint(
-            run, trainer, progress, args.checkpoints_total_limit, run_record=record
+            run,
+            trainer,
+            progress,
+            args.checkpoints_total_limit,
+            run_record=record,
+            export=lambda folder: write_student(run, teacher, trainer, folder),
         )
         if args.push_checkpoints_to_hub and run.hub_repo_id and run.is_main:
             from .hub import push_checkpoint

@@ -42,6 +42,7 @@ from .checkpointing import (
 )
 from .data_order import ResumableRandomSampler
 from .errors import UserError
+from .export import other_run_export, remove_export
 from .hub import prepare_hub_repo
 from .parallel import (
     check_accelerate_options,
@@ -94,10 +95,15 @@ def to_device(
 def setup_run(args: TrainingArguments) -> Run:
     """The checks that need no weights (:func:`~.preflight.preflight`: flags, recipe, teacher
     configs, sizes, dataset, checkpoint, a writable output folder; the trackers' packages;
-    with ``--push_to_hub`` the Hub login and repo), then accelerate, logging, the seed and the
-    recipe. A mistake raises :class:`~.errors.UserError` before any model is loaded."""
+    with ``--push_to_hub`` the Hub login and repo; an output folder holding another run's export,
+    :func:`~.export.other_run_export`), then accelerate, logging, the seed and the recipe. A
+    mistake raises :class:`~.errors.UserError` before any model is loaded."""
     checked = preflight(args)  # first: a mistake costs seconds, not a teacher load
+    stale_export = other_run_export(args)  # another run's export: refused or, if asked, removed
     output_dir = Path(args.output_dir)
+    if args.allow_tf32:  # as the diffusers examples do; no effect without CUDA
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     check_trackers(args)
     # Accelerate only goes distributed on a CPU-only machine when told it is a CPU run
     # (otherwise each torchrun process would train alone, all writing to one folder).
@@ -122,6 +128,7 @@ def setup_run(args: TrainingArguments) -> Run:
         # Before anything else writes: what killed runs left half-written.
         caches = [Path(args.embedding_cache_dir)] if args.embedding_cache_dir else []
         remove_stale_temporaries(output_dir, caches)
+        remove_export(stale_export)
     accelerator.wait_for_everyone()
     set_seed(args.seed)
     cfg = checked.cfg
