@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import DMDConfig
 from ..loader import load_dmd_config
+from ..plan import preflight
 from .args import TrainingArguments
 from .checkpointing import save_checkpoint
 from .finish import finish
@@ -52,6 +53,8 @@ def train(args: TrainingArguments | argparse.Namespace) -> Path:
     """Run the whole distillation; returns the output folder."""
     if isinstance(args, argparse.Namespace):
         args = TrainingArguments(**vars(args))
+    if preflight(args):  # --quantize_base / --optimizer possible here; --dry_run: plan, stop
+        return Path(args.output_dir)
     run = setup_run(args)  # accelerate, seed, recipe, output folder
     teacher = load_teacher(run)  # the diffusers pipeline and its family
     data = cache_data(run, teacher)  # embeddings and latents, encoders freed

@@ -30,12 +30,14 @@ from ..loader import load_dmd_config
 from ..lora import AdapterRole, LoraSettings, build_dmd_networks, enable_gradient_checkpointing
 from ..methods import DMDPipeline
 from ..plugins import family_from_pretrained
+from ..quantize import quantize_base
 from .args import TrainingArguments
 from .cache import CacheSettings, build_cache
 from .checkpointing import checkpoint_step, load_per_rank_state, resolve_resume
 from .data import load_training_dataset
 from .data_order import ResumableRandomSampler
 from .parallel import load_pipeline, pipeline_to, prepare_networks
+from .optim import optimizer_class
 from .state import Counter, Networks, Progress, Run, Teacher, Trainer, TrainingData
 
 __all__ = [
@@ -207,6 +209,7 @@ def build_networks(run: Run, teacher: Teacher) -> Networks:
         init=args.lora_init,
         target_modules=args.lora_target_modules,
     )
+    quantize_base(wrapped, args.quantize_base)  # before the adapters: peft wraps int8 weights
     nets = build_dmd_networks(wrapped, args.layout, lora)
     for net in (nets.student, nets.fake_score):
         if isinstance(net, AdapterRole):  # adapters train in fp32 over a frozen low-precision base
@@ -249,7 +252,7 @@ def make_trainer(run: Run, networks: Networks) -> Trainer:
     }
 
     def make_optimizer(role: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
+        return optimizer_class(args.optimizer)(
             params,
             lr=learning_rates[role],
             betas=(args.adam_beta1, args.adam_beta2),
