@@ -592,8 +592,9 @@ def format_plan(plan: MemoryPlan, gpu_memory: int | None = None, fix: Any = None
         f"{plan.model_class} ({plan.num_params / 1e9:.2f}B parameters), layout {s.layout}"
         + (f" rank {s.rank}" if s.layout != "full" else "")
         + f", {s.num_gpus} GPU(s), {size}, batch {s.train_batch_size}/GPU, "
-        f"{s.mixed_precision or 'fp32'}, checkpointing {'on' if s.gradient_checkpointing else 'off'}"
-        f", base {s.quantize_base}, {s.optimizer}"
+        f"{s.mixed_precision or 'fp32'}, "
+        f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, "
+        f"base {s.quantize_base}, {s.optimizer}"
     )
     out = [head, f"per GPU, heaviest step ({plan.step} step):"]
     for name, value in plan.lines.items():

@@ -91,12 +91,12 @@ def test_dry_run_prints_a_plan_and_reads_no_weights(tiny, tmp_path):
 
 
 def test_int8_base_trains_and_keeps_its_weights():
+    from diffusers import SD3Transformer2DModel
+
     import fastgen_diffusers as fgd
     from fastgen_diffusers.lora import LoraSettings, build_dmd_networks
     from fastgen_diffusers.plugins.sd3 import SD3Wrapper
     from fastgen_diffusers.quantize import quantize_base, stored_bytes
-
-    from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
@@ -136,8 +136,10 @@ def test_int8_base_trains_and_keeps_its_weights():
         opt.zero_grad()
     after = wrapped.state_dict()
     for k, v in base.items():  # the int8 data and scales, bit for bit
-        assert torch.equal(after[k].dequantize() if hasattr(v, "qdata") else after[k], v.dequantize() if hasattr(v, "qdata") else v), k
-    assert stored_bytes(wrapped) - quantized_bytes == 0
+        if hasattr(v, "qdata"):
+            assert torch.equal(after[k].qdata, v.qdata) and torch.equal(after[k].scale, v.scale)
+        else:
+            assert torch.equal(after[k], v), k
     changed = [k for k, v in nets.student.state_dict().items() if not torch.equal(v, adapters[k])]
     assert changed
 
@@ -164,7 +166,12 @@ def test_int8_shared_lora_resumes_exactly_and_exports_to_the_stock_pipeline(tiny
     assert any(k.endswith("lora_B.weight") and wa[k].abs().sum() > 0 for k in wa)
     # The stock pipeline, unquantized base, loads the adapter trained over the int8 base.
     pipe = StableDiffusion3Pipeline.from_pretrained(model)
-    before = pipe(**CALL_KWARGS["sd3"], generator=torch.Generator().manual_seed(0)).images[0]
+    call = dict(CALL_KWARGS["sd3"], prompt="a cat", num_inference_steps=2, output_type="np")
+
+    def image():
+        return pipe(**call, generator=torch.Generator().manual_seed(0)).images[0]
+
+    before = image()
     pipe.load_lora_weights(straight)
-    after = pipe(**CALL_KWARGS["sd3"], generator=torch.Generator().manual_seed(0)).images[0]
-    assert list(before.getdata()) != list(after.getdata())
+    after = image()
+    assert after.shape == before.shape and (after != before).any()

@@ -115,7 +115,7 @@ def train_step(
         trainer.dmd.update_ema(iteration=step)
     progress.counter.step = step + 1
     logs = _mean_over_ranks(run, logs)
-    logs["lr/student"] = trainer.prepared.schedulers["student"].get_last_lr()[0]
+    logs["lr/student"] = float(trainer.prepared.schedulers["student"].get_last_lr()[0])
     return logs
 
 

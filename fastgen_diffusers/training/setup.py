@@ -36,8 +36,8 @@ from .cache import CacheSettings, build_cache
 from .checkpointing import checkpoint_step, load_per_rank_state, resolve_resume
 from .data import load_training_dataset
 from .data_order import ResumableRandomSampler
-from .parallel import load_pipeline, pipeline_to, prepare_networks
 from .optim import optimizer_class
+from .parallel import load_pipeline, pipeline_to, prepare_networks
 from .state import Counter, Networks, Progress, Run, Teacher, Trainer, TrainingData
 
 __all__ = [
