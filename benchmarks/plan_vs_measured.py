@@ -168,12 +168,16 @@ def main() -> None:
     parser.add_argument("--only", type=int, default=None)
     parser.add_argument("--num_layers", type=int, default=None, help="blocks (default: 6 / 2)")
     parser.add_argument("--json", action="store_true", help="one JSON line per configuration")
+    parser.add_argument("--resolution", type=int, default=HEIGHT, help="pixels (default 512)")
     parser.add_argument("--measure", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global HEIGHT, WIDTH
+    HEIGHT = WIDTH = args.resolution
     if args.measure is not None:
         print(json.dumps(measure(args.measure, args.num_layers)))
         return
     layers = [] if args.num_layers is None else ["--num_layers", str(args.num_layers)]
+    layers += ["--resolution", str(args.resolution)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     rows = []
     indices = [args.only] if args.only is not None else range(len(CASES))

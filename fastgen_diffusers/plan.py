@@ -227,7 +227,8 @@ def _attention_as_flash() -> Iterator[None]:
     functional = torch.nn.functional
     original = functional.scaled_dot_product_attention
 
-    def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kw: Any) -> Any:
+    def flash(*args: Any, **kw: Any) -> Any:
+        q, k, v = (list(args) + [kw.get(n) for n in ("query", "key", "value")][len(args) :])[:3]
         return _FlashAttention.apply(q, k, v)
 
     functional.scaled_dot_product_attention = flash

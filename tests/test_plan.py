@@ -32,17 +32,17 @@ def tiny(tmp_path_factory):
 
 
 def test_planner_agrees_with_the_measured_peak():
-    # A 4-block SD3 (~70M parameters), shared_lora with GAN + CFG + EMA, fp32 on the CPU:
+    # A 2-block SD3 (~100M parameters) at 256x256, shared_lora with GAN + CFG + EMA, fp32:
     # the benchmark's measurement (RSS of a fresh process over three DMD2 iterations). 25%:
     # RSS also holds allocator slack and lazily loaded kernels that the plan does not count;
     # benchmarks/plan_vs_measured.py holds the 15% comparison at full size.
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "plan_vs_measured.py"), "--only", "2"]
-        + ["--num_layers", "3", "--json"],
+        + ["--num_layers", "2", "--resolution", "256", "--json"],
         check=True,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     ).stdout
     row = json.loads(out.strip().splitlines()[-1])
     assert row["measured"] > 0
