@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--only", type=int, default=None)
     parser.add_argument("--num_layers", type=int, default=None, help="blocks (default: 6 / 2)")
     parser.add_argument("--json", action="store_true", help="one JSON line per configuration")
-    parser.add_argument("--resolution", type=int, default=HEIGHT, help="pixels (default 512)")
+    parser.add_argument("--resolution", type=int, default=512, help="pixels")
     parser.add_argument("--measure", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global HEIGHT, WIDTH

@@ -196,7 +196,6 @@ def model_inputs(
         "encoder_hidden_states_mask": meta(batch, text_length, dt=torch.int64),
         "timestep": t,
         "img_shapes": [[(1, h, w)]] * batch,
-        "txt_seq_lens": [text_length] * batch,
     }
 
 
@@ -451,6 +450,7 @@ class _Planner:
         weight_size = torch.empty((), dtype=dtype).element_size()
         n = sum(p.numel() for p in base.parameters())
         frozen_copy = n * weight_size
+        quantized = 0
         if s.quantize_base != "none":
             quantized = sum(m.weight.numel() for _, m in quantizable_linears(base))
             rows = sum(m.out_features for _, m in quantizable_linears(base))
@@ -478,6 +478,19 @@ class _Planner:
         lines["discriminator (+grads, optimizer)"] = disc_params * 16
         if shard > 1:
             lines["FSDP2 unsharded blocks (2)"] = 2 * self._largest_block(base) * weight_size
+        if s.quantize_base != "none" and not full_copy_quantized:
+            # torchao's weight-only int8 linear multiplies by a full-precision copy of the
+            # weight, which autograd keeps for the input gradient: every quantized layer of a
+            # forward with grad (student; teacher with GAN) holds one until the backward, or
+            # only the recomputed block's under gradient checkpointing.
+            checkpointed = {
+                "student": s.gradient_checkpointing,
+                "teacher": s.gradient_checkpointing and s.layout == "shared_lora",
+            }
+            held = 0
+            for role in ("student", "teacher") if s.gan else ("student",):
+                held += self._largest_block(base, quantized) if checkpointed[role] else quantized
+            lines["full-precision weight copies (int8 base)"] = held * weight_size
         student_role = "full" if s.layout == "full" else "lora"
         act_s = self.activations(s, student_role)
         act_t = self.activations(s, "frozen")
@@ -520,9 +533,16 @@ class _Planner:
             return 0
 
     @staticmethod
-    def _largest_block(model: nn.Module) -> int:
+    def _largest_block(model: nn.Module, quantized_only: int = 0) -> int:
+        """Parameters of the largest block (``quantized_only``: of its nn.Linear weights)."""
         sizes = [
-            sum(p.numel() for p in block.parameters())
+            sum(
+                m.weight.numel() if quantized_only else 0
+                for m in block.modules()
+                if isinstance(m, nn.Linear)
+            )
+            if quantized_only
+            else sum(p.numel() for p in block.parameters())
             for name in ("transformer_blocks", "single_transformer_blocks", "blocks")
             for block in getattr(model, name, [])
         ]
