@@ -102,6 +102,9 @@ class TrainingArguments:
     upcast_before_saving: bool
     allow_tf32: bool
     overwrite_output_dir: bool
+    optimizer: str
+    quantize_base: str
+    dry_run: bool
     # LoRA
     use_lora: bool
     lora_layout: str
@@ -446,6 +449,26 @@ def build_parser() -> argparse.ArgumentParser:
         "remove that export (weights, scheduler, README.md, validation images) and start; "
         "checkpoints are kept.",
     )
+    train.add_argument(
+        "--optimizer",
+        type=str,
+        default="adamw",
+        choices=["adamw", "adamw8bit"],
+        help="adamw8bit: torchao's 8-bit AdamW (2 bytes of state per trained parameter, not 8).",
+    )
+    train.add_argument(
+        "--quantize_base",
+        type=str,
+        default="none",
+        choices=["none", "int8", "fp8", "nf4"],
+        help="Store the frozen base of the LoRA layouts quantized (torchao; fp8 needs a GPU "
+        "with fp8 support, nf4 is refused: peft trains LoRA over int8 torchao weights only).",
+    )
+    train.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Print the per-GPU memory plan (python -m fastgen_diffusers.plan) and exit.",
+    )
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument(
@@ -699,7 +722,7 @@ def parse_args(argv: list[str] | None = None) -> TrainingArguments:
     a message naming it."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.dataset_name is None and args.train_data_dir is None:
+    if args.dataset_name is None and args.train_data_dir is None and not args.dry_run:
         parser.error("give --dataset_name or --train_data_dir")
     if args.dataset_name is not None and args.train_data_dir is not None:
         parser.error(

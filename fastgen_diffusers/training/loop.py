@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import DMDConfig
 from ..loader import load_dmd_config
+from ..plan import preflight as memory_preflight
 from .args import TrainingArguments
 from .checkpointing import save_checkpoint
 from .console import print_run_summary
@@ -56,6 +57,8 @@ def train(args: TrainingArguments | argparse.Namespace) -> Path:
     """Run the whole distillation; returns the output folder."""
     if isinstance(args, argparse.Namespace):
         args = TrainingArguments(**vars(args))
+    if memory_preflight(args):  # --quantize_base / --optimizer checked; --dry_run: plan, stop
+        return Path(args.output_dir)
     run = setup_run(args)  # accelerate, seed, recipe, output folder
     teacher = load_teacher(run)  # the diffusers pipeline and its family
     data = cache_data(run, teacher)  # embeddings and latents, encoders freed
@@ -130,7 +133,7 @@ def train_step(
         trainer.dmd.update_ema(iteration=step)
     progress.counter.step = step + 1
     logs = _mean_over_ranks(run, logs)
-    logs["lr/student"] = trainer.prepared.schedulers["student"].get_last_lr()[0]
+    logs["lr/student"] = float(trainer.prepared.schedulers["student"].get_last_lr()[0])
     return logs
 
 

@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 
 from ..lora import AdapterRole, LoraSettings, build_dmd_networks, enable_gradient_checkpointing
 from ..methods import DMDPipeline
+from ..quantize import quantize_base
 from .args import TrainingArguments
 from .cache import CacheSettings, build_cache
 from .checkpointing import (
@@ -44,6 +45,7 @@ from .data_order import ResumableRandomSampler
 from .errors import UserError
 from .export import other_run_export, remove_export
 from .hub import prepare_hub_repo
+from .optim import optimizer_class
 from .parallel import (
     check_accelerate_options,
     is_fsdp2,
@@ -277,6 +279,12 @@ def build_networks(run: Run, teacher: Teacher) -> Networks:
         init=args.lora_init,
         target_modules=args.lora_target_modules,
     )
+    if args.quantize_base not in (None, "none") and source is not None:
+        raise UserError(
+            f"--quantize_base {args.quantize_base} is not supported under FSDP2 yet",
+            fix="drop --quantize_base, or train on one GPU / with DDP",
+        )
+    quantize_base(wrapped, args.quantize_base)  # before the adapters: peft wraps int8 weights
     nets = build_dmd_networks(wrapped, args.layout, lora, source=host)
     del source, host
     for net in (nets.student, nets.fake_score):
@@ -331,13 +339,13 @@ def make_trainer(run: Run, networks: Networks) -> Trainer:
     adam_kernel = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[kernel]
 
     def make_optimizer(role: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
+        return optimizer_class(args.optimizer)(
             params,
             lr=learning_rates[role],
             betas=(args.adam_beta1, args.adam_beta2),
             weight_decay=args.adam_weight_decay,
             eps=args.adam_epsilon,
-            **adam_kernel,
+            **(adam_kernel if args.optimizer == "adamw" else {}),
         )
 
     def make_scheduler(role: str, optimizer: torch.optim.Optimizer):
