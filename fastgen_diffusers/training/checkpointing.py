@@ -383,7 +383,11 @@ def _load_optimizer(
             raise ValueError(f"the checkpoint's {role} optimizer trains other parameters")
         merged = dict(now)
         for key, value in before.items():
-            if key != "params":
+            if key == "params":
+                continue
+            if isinstance(now.get(key), torch.Tensor):  # e.g. torchao's AdamW8bit keeps lr so
+                merged[key] = torch.tensor(value, dtype=now[key].dtype, device=now[key].device)
+            else:
                 merged[key] = tuple(value) if isinstance(now.get(key), tuple) else value
         groups.append(merged)
     inner.load_state_dict({"state": state, "param_groups": groups})
