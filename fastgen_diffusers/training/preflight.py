@@ -388,12 +388,15 @@ def _patch(transformer: dict[str, Any] | None) -> int:
 def check_sizes(args: TrainingArguments, family: Any, configs: ModelConfigs) -> None:
     """``--height`` / ``--width`` / ``--resolution`` against the VAE factor, the patch size and
     the transformer's ``pos_embed_max_size``; ``--num_frames`` against the video VAE's temporal
-    factor (``4k + 1`` for Wan)."""
+    factor (``4k + 1`` for Wan). A side left unset is the pipeline's default (filled in by
+    ``load_teacher``), which fits by construction."""
     factor, patch = _spatial_factor(configs.vae), _patch(configs.transformer)
     multiple = factor * patch
     height, width = args.size
     limit = (configs.transformer or {}).get("pos_embed_max_size")
     for axis, value in (("height", height), ("width", width)):
+        if value is None:
+            continue
         flag = f"--{axis}" if getattr(args, axis) is not None else "--resolution"
         if value % multiple:
             lower, upper = value // multiple * multiple, (value // multiple + 1) * multiple
