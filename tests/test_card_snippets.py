@@ -6,6 +6,7 @@ runs in ``test_hub_training.py``, the Wan video snippet in ``test_video.py``.)""
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,11 @@ def run_card_snippet(out: Path, elsewhere: Path, monkeypatch) -> dict:
     monkeypatch.chdir(elsewhere)
     code = code.replace('pipe.to("cuda")', 'pipe.to("cpu")').replace("bfloat16", "float32")
     namespace: dict = {}
-    exec(compile(code, "<model card>", "exec"), namespace)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(code, "<model card>", "exec"), namespace)
+    # The snippet uses diffusers' current argument names (`dtype`, not the deprecated one).
+    assert not [w for w in caught if "deprecated" in str(w.message)], caught
     return namespace
 
 
