@@ -180,3 +180,35 @@ def test_a_run_without_a_size_uses_the_family_default(model, tmp_path):
     size, frames, expected, _ = resolved(sd3, "sd3")
     # The image pipelines' default: default_sample_size * vae_scale_factor (1024 for SD3).
     assert size == expected and frames is None
+
+
+def test_a_video_run_without_imageio_stops_before_the_teacher_loads(model, tmp_path, monkeypatch):
+    import importlib.util
+
+    from fastgen_diffusers.plugins import family_from_pretrained
+    from fastgen_diffusers.training.errors import UserError
+    from fastgen_diffusers.training.preflight import check_video_backend
+
+    args = args_for(
+        model,
+        write_recipe(tmp_path / "recipe.yaml", "student_update_freq: 1\n"),
+        write_prompts(tmp_path / "p.jsonl"),
+        tmp_path / "out",
+        "--validation_prompts",
+        "a cat",
+        family="wan",
+    )
+    family = family_from_pretrained(model)
+    check_video_backend(args, family)  # installed here: nothing to say
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "imageio_ffmpeg" else find_spec(n)
+    )
+    with pytest.raises(
+        UserError,
+        match=r"--validation_prompts .* needs imageio_ffmpeg .*"
+        r"pip install \"fastgen_diffusers\[video\]\"",
+    ):
+        check_video_backend(args, family)
+    # Image families write PNGs only.
+    check_video_backend(args, family_from_pretrained(save_tiny_sd3(tmp_path / "sd3")))
