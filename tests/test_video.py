@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import export_to_video
+from huggingface_hub import ModelCard
 from PIL import Image
 from test_train_dmd2 import args_for, write_prompts, write_recipe
 from tiny_pipelines import CALL_KWARGS, save_tiny_sd3, save_tiny_wan
@@ -107,6 +108,10 @@ def test_validation_writes_an_mp4_per_prompt_at_the_family_fps(wan_run):
         assert preview.size == (3 * SIZE["width"], 4 * SIZE["height"])
     for i in range(len(PROMPTS)):  # the model card's gallery
         assert mp4_frames(folder / f"final-{i}.mp4").shape[0] == SIZE["num_frames"]
+    widget = ModelCard.load(wan_run / "README.md").data.widget
+    assert widget == [
+        {"text": p, "output": {"url": f"validation/final-{i}.mp4"}} for i, p in enumerate(PROMPTS)
+    ]
 
 
 def test_trackers_receive_the_videos(wan_run):
