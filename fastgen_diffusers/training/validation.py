@@ -122,7 +122,7 @@ def image_grid(images: torch.Tensor, rows: int) -> Image.Image:
     n = images.shape[0]
     cols = -(-n // rows)
     tiles = to_pil(images)
-    if n == rows * cols:  # diffusers' helper, same pixels (tests/test_video_validation.py)
+    if n == rows * cols:  # diffusers' helper, same pixels (tests/test_validation_helpers.py)
         from diffusers.utils import make_image_grid
 
         return make_image_grid(tiles, rows=rows, cols=cols)
