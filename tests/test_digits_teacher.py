@@ -7,12 +7,16 @@ is exactly zero, the text the transformer was trained on.
 
 from __future__ import annotations
 
+import re
+import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "embedded" / "digits-sd3"
@@ -62,3 +66,37 @@ def test_report_refuses_a_folder_without_a_student(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no exported student"):
         digits_eval.report(tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing written for a wrong path
+
+
+def test_save_grid_is_pixel_identical_to_the_reshaped_layout(tmp_path):
+    images = torch.rand(80, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    digits_eval.save_grid(images, tmp_path / "grid.png")
+    # The layout before make_image_grid: digit rows of 8 tiles, reshaped, 2x nearest.
+    gray = digits_eval.to_gray(images)
+    gray = ((gray.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
+    grid = gray.view(10, 8, 32, 32).permute(0, 2, 1, 3).reshape(320, 256)
+    expected = grid.repeat_interleave(2, 0).repeat_interleave(2, 1).numpy()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "grid.png")), expected)
+
+
+def test_report_shows_each_stage_and_where_it_wrote(tmp_path, capsys):
+    out = tmp_path / "run"  # the teacher itself as the "student": only the wiring is tested
+    for part in ("transformer", "scheduler"):
+        shutil.copytree(TEACHER / part, out / part)
+    rows = digits_eval.report(out, teacher_steps=[1], student_steps=[1], per_digit=1)
+    assert [row["name"] for row in rows][-1] == "real digits (train split)"
+    stdout = capsys.readouterr().out
+    stages = re.findall(r"^\[(\d)/(\d)\] (\S+)", stdout, flags=re.M)
+    # teacher at 1 step with CFG and without, the student, the real digits.
+    assert stages == [
+        ("1", "4", "teacher_1:"),
+        ("2", "4", "teacher_1_nocfg:"),
+        ("3", "4", "student_1:"),
+        ("4", "4", "real"),
+    ]
+    assert "[1/4] teacher_1: 10 images, 1 step(s), CFG 2, NFE 2" in stdout  # the recipe's CFG
+    quality = out / "quality"
+    assert f"grids: {quality}/ (teacher_1.png, teacher_1_nocfg.png, student_1.png)" in stdout
+    assert stdout.rstrip().endswith(f"quality table: {quality / 'quality.md'} (and quality.json)")
+    for name in ("teacher_1", "teacher_1_nocfg", "student_1"):
+        assert (quality / f"{name}.png").is_file()

@@ -132,7 +132,7 @@ def load_classifier(path: str | os.PathLike = DEFAULT_CLASSIFIER) -> DigitCNN:
     key = str(path)
     if key not in _CACHE:
         model = DigitCNN()
-        model.load_state_dict(torch.load(path, map_location="cpu")["state_dict"])
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
         _CACHE[key] = model.eval()
     return _CACHE[key]
 
@@ -196,13 +196,14 @@ def evaluate(
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, rows: int = 10, cols: int = 8) -> None:
     """``rows * cols`` images (row-major, [-1, 1]) as one PNG, 2x nearest upscaled."""
+    from diffusers.utils import make_image_grid
+
     gray = to_gray(images[: rows * cols])
     gray = ((gray.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
-    grid = gray.view(rows, cols, SIZE, SIZE).permute(0, 2, 1, 3).reshape(rows * SIZE, cols * SIZE)
+    tiles = [Image.fromarray(tile.numpy()) for tile in gray]
+    grid = make_image_grid(tiles, rows=rows, cols=cols).convert("L")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.numpy()).resize((cols * SIZE * 2, rows * SIZE * 2), Image.NEAREST).save(
-        path
-    )
+    grid.resize((cols * SIZE * 2, rows * SIZE * 2), Image.NEAREST).save(path)
 
 
 # -- generation through the stock pipeline ------------------------------------------------------
@@ -340,12 +341,21 @@ def report(
     out = Path(output_dir) / "quality"
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    # Every image set is one stage: the teachers, the students and the real digits.
+    total = len(teacher_steps) + (guidance > 1) + len(student_steps) + 1
+
+    def stage(name: str, what: str) -> None:
+        print(f"[{len(rows) + 1}/{total}] {name}: {what}", flush=True)
 
     def score(name: str, pipe, steps: int, cfg_scale: float, nfe: int, **kwargs) -> None:
         start = time.time()
+        stage(name, f"{10 * per_digit} images, {steps} step(s), CFG {cfg_scale:g}, NFE {nfe}")
+        # The pipeline's own bar shows the denoising steps of each batch.
+        pipe.set_progress_bar_config(desc=name, leave=False)
         images, labels = generate(pipe, steps, cfg_scale, per_digit, seed, **kwargs)
         scores = evaluate(images, labels, classifier)
-        save_grid(_grid_order(images, per_digit), out / f"{name}.png")
+        cols = min(8, per_digit)  # fewer than 8 per digit: a narrower grid
+        save_grid(_grid_order(images, per_digit, cols), out / f"{name}.png", cols=cols)
         row = {"name": name, "steps": steps, "cfg": cfg_scale, "nfe": nfe, **scores}
         row["seconds"] = round(time.time() - start, 1)
         rows.append(row)
@@ -365,13 +375,19 @@ def report(
         score(f"student_{steps}", student_pipe, steps, 1.0, steps, sigmas=sigmas)
     real, real_labels = load_digits_32()
     train = split_indices()[0]
+    stage("real digits", f"{len(train)} images of the train split")
     rows.append({"name": "real digits (train split)", **evaluate(real[train], real_labels[train])})
-    heldout = torch.load(classifier_path, map_location="cpu").get("heldout_accuracy")
+    heldout = torch.load(classifier_path, map_location="cpu", weights_only=True).get(
+        "heldout_accuracy"
+    )
     table = markdown_table(rows, heldout)
     tmp = out / "quality.json.tmp"
     tmp.write_text(json.dumps({"rows": rows, "classifier_heldout_accuracy": heldout}, indent=2))
     tmp.replace(out / "quality.json")
     (out / "quality.md").write_text(table + "\n")
+    grids = ", ".join(f"{row['name']}.png" for row in rows if "steps" in row)
+    print(f"grids: {out}/ ({grids})", flush=True)
+    print(f"quality table: {out / 'quality.md'} (and quality.json)", flush=True)
     return rows
 
 
@@ -479,7 +495,8 @@ def main() -> None:
         print(json.dumps({"steps": steps, **scores}), flush=True)
         if args.grid_dir:
             path = Path(args.grid_dir) / f"{args.grid_prefix}_{steps}.png"
-            save_grid(_grid_order(images, args.per_digit), path)
+            cols = min(8, args.per_digit)
+            save_grid(_grid_order(images, args.per_digit, cols), path, cols=cols)
     real_images, real_labels = load_digits_32()
     # Reference: the real training split against the held-out split (the FD noise floor).
     train = split_indices()[0]

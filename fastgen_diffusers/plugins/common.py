@@ -272,12 +272,17 @@ def flow_match_sigmas(
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
     kwargs: dict[str, Any] = {}
     if config.get("use_dynamic_shifting"):
-        base_len = config.get("base_image_seq_len", 256)
-        max_len = config.get("max_image_seq_len", 4096)
-        base_shift = config.get("base_shift", 0.5)
-        max_shift = config.get("max_shift", 1.15)
-        slope = (max_shift - base_shift) / (max_len - base_len)
-        kwargs["mu"] = image_seq_len * slope + base_shift - slope * base_len
+        # The pipelines' own helper (Flux, SD3, Qwen-Image copy it): the same float operations,
+        # so the teacher's reference visits exactly the sigmas the stock pipeline does.
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        kwargs["mu"] = calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
     scheduler.set_timesteps(num_steps, **kwargs)
     return [float(s) for s in scheduler.sigmas]
 

@@ -804,5 +804,11 @@ class WanFamily(Family):
         return (
             "Wan pipelines take no `sigmas`: the student's schedule lives entirely in the shipped "
             "scheduler config, so only `num_inference_steps` is passed. For a Wan 2.2 A14B base "
-            "model also pass `transformer_2=None, boundary_ratio=None` to `from_pretrained`."
+            "model also pass `transformer_2=None, boundary_ratio=None` to `from_pretrained`.\n\n"
+            "Loading that scheduler may log \"The config attributes {'sigma_max': ..., "
+            "'sigma_min': ...} were passed to FlowMatchEulerDiscreteScheduler, but are not "
+            'expected and will be ignored". The warning is harmless and the keys are needed: '
+            "diffusers keeps them in the scheduler's config and its Karras sigmas start and end "
+            "at them, which is how the pipeline visits the student's first and last timestep "
+            "(without them the schedule would start at 1.0)."
         )

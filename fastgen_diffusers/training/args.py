@@ -70,7 +70,7 @@ class TrainingArguments:
     video_column: str | None
     max_train_samples: int | None
     negative_prompt: str
-    resolution: int
+    resolution: int | None
     height: int | None
     width: int | None
     num_frames: int | None
@@ -137,9 +137,10 @@ class TrainingArguments:
         return self.lora_layout if self.use_lora else "full"
 
     @property
-    def size(self) -> tuple[int, int]:
+    def size(self) -> tuple[int | None, int | None]:
         """``(height, width)`` of the training media (``--height``/``--width`` over
-        ``--resolution``)."""
+        ``--resolution``); ``None`` for a side the user left to the teacher's default, which
+        ``load_teacher`` fills in (``Family.default_size``)."""
         return (self.height or self.resolution, self.width or self.resolution)
 
     def public_dict(self) -> dict[str, Any]:
@@ -297,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--resolution",
         type=int,
-        default=1024,
-        help="Square training resolution in pixels (images are resized and center-cropped).",
+        default=None,
+        help="Square training resolution in pixels (images are resized and center-cropped); "
+        "default: the teacher pipeline's own size (Wan: 480x832, SD3 / Flux: 1024).",
     )
     data.add_argument("--height", type=int, default=None, help="Height (overrides --resolution).")
     data.add_argument("--width", type=int, default=None, help="Width (overrides --resolution).")
@@ -626,9 +628,9 @@ def check_arguments(args: TrainingArguments | argparse.Namespace) -> None:
         "validation_steps",
         "teacher_validation_steps",
         "rank",
-        "resolution",
     ]
     optional_at_least_one = [
+        "resolution",
         "max_train_samples",
         "checkpoints_total_limit",
         "height",

@@ -147,6 +147,7 @@ def render_usage_snippet(
         {"FlowMatchEulerDiscreteScheduler", pipeline_class_name}
         | (set() if lora else {transformer_class})
     )
+    # `dtype=`: diffusers' name since `torch_dtype` was deprecated (the card installs `-U`).
     lines = ["import torch", f"from diffusers import {', '.join(names)}"]
     utils = (["export_to_video"] if task != "text-to-image" else []) + (
         ["load_image"] if task == "image-to-video" else []
@@ -166,20 +167,20 @@ def render_usage_snippet(
     if lora:
         lines += [
             f"pipe = {pipeline_class_name}.from_pretrained(",
-            "    base_model, scheduler=scheduler, torch_dtype=torch.bfloat16",
+            "    base_model, scheduler=scheduler, dtype=torch.bfloat16",
             ")",
             f"pipe.load_lora_weights(student, weight_name={_LORA_WEIGHTS!r})",
         ]
     else:
         lines += [
             f"transformer = {transformer_class}.from_pretrained(",
-            '    student, subfolder="transformer", torch_dtype=torch.bfloat16',
+            '    student, subfolder="transformer", dtype=torch.bfloat16',
             ")",
             f"pipe = {pipeline_class_name}.from_pretrained(",
             "    base_model,",
             "    transformer=transformer,",
             "    scheduler=scheduler,",
-            "    torch_dtype=torch.bfloat16,",
+            "    dtype=torch.bfloat16,",
             ")",
         ]
     lines.append('pipe.to("cuda")')

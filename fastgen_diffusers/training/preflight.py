@@ -44,6 +44,7 @@ __all__ = [
     "Preflight",
     "check_checkpoint_files",
     "check_sizes",
+    "check_video_backend",
     "load_recipe_checked",
     "model_configs",
     "needs_media",
@@ -80,6 +81,7 @@ def preflight(args: TrainingArguments) -> Preflight:
     for warning in warnings:
         logger.warning(warning)
     check_sizes(args, family, configs)
+    check_video_backend(args, family)
     _check_dataset(args, cfg)
     resume = _check_resume(args)
     _check_writable(Path(args.output_dir), "--output_dir")
@@ -388,12 +390,15 @@ def _patch(transformer: dict[str, Any] | None) -> int:
 def check_sizes(args: TrainingArguments, family: Any, configs: ModelConfigs) -> None:
     """``--height`` / ``--width`` / ``--resolution`` against the VAE factor, the patch size and
     the transformer's ``pos_embed_max_size``; ``--num_frames`` against the video VAE's temporal
-    factor (``4k + 1`` for Wan)."""
+    factor (``4k + 1`` for Wan). A side left unset is the pipeline's default (filled in by
+    ``load_teacher``), which fits by construction."""
     factor, patch = _spatial_factor(configs.vae), _patch(configs.transformer)
     multiple = factor * patch
     height, width = args.size
     limit = (configs.transformer or {}).get("pos_embed_max_size")
     for axis, value in (("height", height), ("width", width)):
+        if value is None:
+            continue
         flag = f"--{axis}" if getattr(args, axis) is not None else "--resolution"
         if value % multiple:
             lower, upper = value // multiple * multiple, (value // multiple + 1) * multiple
@@ -423,6 +428,26 @@ def check_sizes(args: TrainingArguments, family: Any, configs: ModelConfigs) -> 
             f"--num_frames {args.num_frames} applies to video teachers; {configs.name!r} is a "
             f"{family.name} image model",
             fix="drop --num_frames",
+        )
+
+
+def check_video_backend(args: TrainingArguments, family: Any) -> None:
+    """A video teacher with validation prompts writes MP4s, and a video column is read from
+    files: both need imageio with its ffmpeg plugin (the ``[video]`` extra). Checked here so a
+    missing package does not end the run at its first validation."""
+    import importlib.util
+
+    if not (family.is_video and (args.validation_prompts or args.video_column)):
+        return
+    missing = [p for p in ("imageio", "imageio_ffmpeg") if importlib.util.find_spec(p) is None]
+    if missing:
+        what = "--validation_prompts" if args.validation_prompts else "--video_column"
+        raise UserError(
+            f"{what} with the video teacher {args.pretrained_model_name_or_path!r} needs "
+            f"{' and '.join(missing)} (validation MP4s, .mp4 training data), which is not "
+            "installed",
+            fix='`pip install "fastgen_diffusers[video]"` (or `pip install imageio '
+            "imageio-ffmpeg`)",
         )
 
 

@@ -192,7 +192,12 @@ def _prepare_hub(accelerator: Accelerator, args: TrainingArguments) -> str:
 def load_teacher(run: Run) -> Teacher:
     """The teacher's pipeline on the device (under FSDP2 the transformer stays on the meta
     device and only the main process reads its weights, onto the host) and the per-sample
-    latent shape at the requested size."""
+    latent shape at the requested size.
+
+    A size the user did not pass is the teacher's own (``Family.default_size``: Wan 480x832,
+    the image pipelines ``default_sample_size * vae_scale_factor``; video: the family's
+    ``default_num_frames``); ``run.args`` is updated so every later phase, the cache key and
+    the model card see the resolved size."""
     args = run.args
     family = teacher_family(args)
     pipe = load_pipeline(
@@ -206,6 +211,12 @@ def load_teacher(run: Run) -> Teacher:
     )
     pipeline_to(pipe, run.device)
     height, width = args.size
+    if height is None or width is None:
+        default_height, default_width = family.default_size(pipe)
+        height, width = height or default_height, width or default_width
+        run.args = args = args.replace(height=height, width=width)
+    if family.is_video and args.num_frames is None and family.default_num_frames is not None:
+        run.args = args = args.replace(num_frames=family.default_num_frames)
     try:
         latent_shape = family.latent_shape(pipe, height, width, num_frames=args.num_frames)
     except ValueError as err:  # what the preflight's config reading could not foresee

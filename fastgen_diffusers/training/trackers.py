@@ -1,11 +1,11 @@
 """Trackers of ``--report_to``: checked before the teacher loads, started with a config free of
-secrets, and given the validation images (and videos) whatever the tracker.
+secrets, and given the validation images (and MP4 videos) whatever the tracker.
 
 Example::
 
     check_trackers(args)              # in setup_run: a missing package is a UserError
     start_trackers(run)               # the public arguments as the tracker config
-    log_validation(run, "student", images, step, prompts=["a cat"], video=gif_path)
+    log_validation(run, "student", images, step, grid=grid, prompts=["a cat"], videos=[mp4])
 """
 
 from __future__ import annotations
@@ -109,12 +109,17 @@ def log_validation(
     *,
     grid: Any,
     prompts: Sequence[str],
-    video: Path | None = None,
+    videos: Sequence[Path] = (),
+    fps: int = 16,
 ) -> None:
-    """Send one validation draw to every tracker: tensorboard gets the grid (``grid``, a PIL
-    image), wandb one captioned image per sample (``images``: ``[N, 3, H, W]`` in [0, 1],
-    prompt-major) or, for video, the animated grid ``video``. Other trackers get the grid
-    through their ``log_images`` when they have one."""
+    """Send one validation draw to every tracker.
+
+    Images (``images``: ``[N, 3, H, W]`` in [0, 1], prompt-major): wandb gets one captioned
+    image per sample, tensorboard and the others the grid (``grid``, a PIL image). Video
+    (``videos``: one MP4 per prompt): wandb gets each as a captioned ``wandb.Video``;
+    tensorboard ``add_video`` when moviepy (which it encodes with) is installed, otherwise each
+    video's frames as one image strip; other trackers get the still ``grid``.
+    """
     per_prompt = max(len(images) // max(len(prompts), 1), 1)
     captions = [prompts[i // per_prompt] if prompts else "" for i in range(len(images))]
     key = f"validation/{name}"
@@ -122,8 +127,11 @@ def log_validation(
         if tracker.name == "wandb":
             import wandb
 
-            if video is not None:
-                media = [wandb.Video(str(video), caption=" | ".join(dict.fromkeys(captions)))]
+            if videos:
+                media = [
+                    wandb.Video(str(v), caption=prompts[i] if i < len(prompts) else "")
+                    for i, v in enumerate(videos)
+                ]
             else:
                 pixels = images.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255
                 media = [
@@ -132,6 +140,29 @@ def log_validation(
                 ]
             tracker.log({key: media}, step=step)
         elif tracker.name == "tensorboard":
+            if videos:
+                _tensorboard_videos(tracker, key, videos, step, fps)
             tracker.log_images({key: np.asarray(grid)[None]}, step=step, dataformats="NHWC")
         elif hasattr(tracker, "log_images"):
             tracker.log_images({key: [grid]}, step=step)
+
+
+# Frames of a video's tensorboard image strip when moviepy is missing: enough to see motion,
+# few enough that an 81-frame 832-wide video stays a reasonable image.
+_STRIP_FRAMES = 8
+
+
+def _tensorboard_videos(
+    tracker: Any, key: str, videos: Sequence[Path], step: int, fps: int
+) -> None:
+    from diffusers.utils import load_video
+
+    for i, path in enumerate(videos):
+        frames = np.stack([np.asarray(f) for f in load_video(str(path))])  # [F, H, W, 3] uint8
+        if _installed("moviepy"):  # SummaryWriter.add_video encodes with moviepy
+            clip = torch.from_numpy(frames).permute(0, 3, 1, 2)[None]  # [1, F, 3, H, W]
+            tracker.writer.add_video(f"{key}/{i}", clip, global_step=step, fps=fps)
+            continue
+        picks = np.linspace(0, len(frames) - 1, min(_STRIP_FRAMES, len(frames))).round()
+        strip = np.concatenate([frames[int(j)] for j in dict.fromkeys(picks)], axis=1)
+        tracker.writer.add_image(f"{key}/{i}", strip, global_step=step, dataformats="HWC")

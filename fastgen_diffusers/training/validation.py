@@ -2,7 +2,8 @@
 
 Noise comes from per-image seeded generators (never the global RNG), so validation does not
 change the training run it is part of. :func:`validate` is the training loop's phase: it draws
-the grids, writes ``validation/<student|teacher>-<step>.png`` and logs them to the trackers.
+the grids, writes ``validation/<student|teacher>-<step>.png`` (video families: also one MP4 per
+prompt) and logs them to the trackers.
 
 Example::
 
@@ -14,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +33,16 @@ from ..sampling import sample_student, sample_teacher
 if TYPE_CHECKING:
     from .state import Run, Teacher, Trainer, TrainingData
 
-__all__ = ["final_image_paths", "image_grid", "sample_images", "teacher_sigmas", "validate"]
+__all__ = [
+    "final_image_paths",
+    "image_grid",
+    "sample_images",
+    "save_video",
+    "teacher_sigmas",
+    "to_pil",
+    "validate",
+    "video_preview",
+]
 
 # Validation draws each prompt with these seeds (offsets from --seed).
 _NUM_SEEDS = 2
@@ -103,18 +114,64 @@ def sample_images(
 
 
 def image_grid(images: torch.Tensor, rows: int) -> Image.Image:
-    """``[N, 3, H, W]`` images in [0, 1] (video ``[N, 3, F, H, W]``: the middle frame) as one
-    PIL grid of ``rows`` rows."""
+    """``[N, 3, H, W]`` images in [0, 1] as one PIL grid of ``rows`` rows (a short last row is
+    left black); video ``[N, 3, F, H, W]``: one row per sample of its first, middle and last
+    frame (:func:`video_preview`)."""
     if images.ndim == 5:
-        images = images[:, :, images.shape[2] // 2]
-    n, _, h, w = images.shape
+        return video_preview(images)
+    n = images.shape[0]
     cols = -(-n // rows)
+    tiles = to_pil(images)
+    if n == rows * cols:  # diffusers' helper, same pixels (tests/test_validation_helpers.py)
+        from diffusers.utils import make_image_grid
+
+        return make_image_grid(tiles, rows=rows, cols=cols)
+    # make_image_grid asserts a full grid; the same layout with the missing tiles black.
+    w, h = tiles[0].size
+    canvas = Image.new("RGB", (cols * w, rows * h))
+    for i, tile in enumerate(tiles):
+        canvas.paste(tile, box=(i % cols * w, i // cols * h))
+    return canvas
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """``[N, 3, H, W]`` in [0, 1] -> N RGB PIL images (rounded to 8 bits)."""
     array = (images.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255).round()
-    canvas = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    for i, image in enumerate(array.astype(np.uint8)):
-        r, c = divmod(i, cols)
-        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
-    return Image.fromarray(canvas)
+    return [Image.fromarray(a) for a in array.astype(np.uint8)]
+
+
+def video_preview(videos: torch.Tensor) -> Image.Image:
+    """``[N, 3, F, H, W]`` in [0, 1] -> a still grid: one row per video, its first, middle and
+    last frame side by side (the saved MP4s hold the motion)."""
+    from diffusers.utils import make_image_grid
+
+    frames = videos.shape[2]
+    picks = sorted({0, frames // 2, frames - 1})
+    tiles = [tile for video in videos for tile in to_pil(video[:, picks].permute(1, 0, 2, 3))]
+    return make_image_grid(tiles, rows=videos.shape[0], cols=len(picks))
+
+
+def save_video(video: torch.Tensor, path: Path, fps: int) -> Path:
+    """``[3, F, H, W]`` in [0, 1] -> an MP4 at ``fps`` (``diffusers.utils.export_to_video``,
+    imageio + imageio-ffmpeg: ``pip install fastgen_diffusers[video]``), written atomically."""
+    from diffusers.utils import export_to_video
+
+    _require_video_backend()
+    frames = list(video.clamp(0, 1).permute(1, 2, 3, 0).float().cpu().numpy())
+    with atomic_path(path) as tmp:  # the temporary keeps the ".mp4" ffmpeg reads the format from
+        export_to_video(frames, str(tmp), fps=fps)
+    return path
+
+
+def _require_video_backend() -> None:
+    # Without imageio, export_to_video silently falls back to OpenCV (or fails on its import).
+    if importlib.util.find_spec("imageio") is None or (
+        importlib.util.find_spec("imageio_ffmpeg") is None
+    ):
+        raise ImportError(
+            "writing validation videos needs imageio and imageio-ffmpeg: "
+            "`pip install fastgen_diffusers[video]` (or `pip install imageio imageio-ffmpeg`)"
+        )
 
 
 def validate(
@@ -174,47 +231,48 @@ def validate(
 def _save_grids(
     run: Run, teacher: Teacher, grids: dict[str, torch.Tensor], step: int, rows: int
 ) -> None:
-    """Write each grid (video: also an animated GIF of it), and at the last iteration one
-    student image per prompt (``validation/final-<i>.png``, ``.gif`` for video: the model
-    card's gallery); log every draw to the trackers."""
+    """Write each grid as ``<name>-<step>.png`` (video: the first / middle / last frame of each
+    sample, plus one MP4 per prompt, its first seed, ``<name>-<step>-<i>.mp4`` at the family's
+    ``video_fps``), and at the last iteration one student sample per prompt
+    (``validation/final-<i>.png``, ``.mp4`` for video: the model card's gallery); log every
+    draw to the trackers."""
     from .trackers import log_validation
 
     folder = run.output_dir / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     prompts = list(run.args.validation_prompts or [])
     fps = teacher.family.video_fps or 16
+    final = step == run.args.max_train_steps
     for name, latents in grids.items():
         with torch.no_grad():
             images = teacher.family.decode(teacher.pipe, latents.to(run.weight_dtype)).float()
         grid = image_grid(images, rows=rows)
         _save_image(grid, folder / f"{name}-{step:06d}.png")
-        video = None
+        per_prompt = len(images) // rows
+        firsts = [images[i * per_prompt] for i in range(rows)]  # the first seed of each prompt
+        videos = []
         if images.ndim == 5:
-            video = _save_gif(
-                [image_grid(images[:, :, f], rows) for f in range(images.shape[2])],
-                folder / f"{name}-{step:06d}.gif",
-                fps,
-            )
-        if name == "student" and step == run.args.max_train_steps:
-            per_prompt = len(images) // rows
-            for i in range(rows):  # the first seed of each prompt
-                sample = images[i * per_prompt : i * per_prompt + 1]
-                if sample.ndim == 5:
-                    frames = [image_grid(sample[:, :, f], 1) for f in range(sample.shape[2])]
-                    _save_gif(frames, folder / f"final-{i}.gif", fps)
+            videos = [
+                save_video(v, folder / f"{name}-{step:06d}-{i}.mp4", fps)
+                for i, v in enumerate(firsts)
+            ]
+        if name == "student" and final:
+            for i, sample in enumerate(firsts):
+                if sample.ndim == 4:
+                    save_video(sample, folder / f"final-{i}.mp4", fps)
                 else:
-                    _save_image(image_grid(sample, 1), folder / f"final-{i}.png")
+                    _save_image(to_pil(sample[None])[0], folder / f"final-{i}.png")
         still = images[:, :, images.shape[2] // 2] if images.ndim == 5 else images
-        log_validation(run, name, still, step, grid=grid, prompts=prompts, video=video)
+        log_validation(run, name, still, step, grid=grid, prompts=prompts, videos=videos, fps=fps)
 
 
 def final_image_paths(output_dir: str | Path, num_prompts: int) -> list[Path]:
-    """The per-prompt images the last validation wrote (``validation/final-<i>.png`` or
-    ``.gif``), in prompt order; prompts without one are skipped."""
+    """The per-prompt samples the last validation wrote (``validation/final-<i>.png`` or
+    ``.mp4``), in prompt order; prompts without one are skipped."""
     folder = Path(output_dir) / "validation"
     found = []
     for i in range(num_prompts):
-        for ext in ("png", "gif"):
+        for ext in ("png", "mp4"):
             if (folder / f"final-{i}.{ext}").is_file():
                 found.append(folder / f"final-{i}.{ext}")
                 break
@@ -224,16 +282,3 @@ def final_image_paths(output_dir: str | Path, num_prompts: int) -> list[Path]:
 def _save_image(image: Image.Image, path: Path) -> None:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-
-
-def _save_gif(frames: list[Image.Image], path: Path, fps: int) -> Path:
-    with atomic_path(path) as tmp:
-        frames[0].save(
-            tmp,
-            format="GIF",
-            save_all=True,
-            append_images=frames[1:],
-            duration=max(int(1000 / fps), 20),
-            loop=0,
-        )
-    return path
