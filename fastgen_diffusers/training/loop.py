@@ -82,18 +82,24 @@ def train(args: TrainingArguments | argparse.Namespace) -> Path:
             stopping = stop.agreed(run.accelerator)
             maybe_checkpoint(run, teacher, trainer, progress, force=stopping)
             if stopping:
-                bar.close()
-                if run.is_main:
-                    print(
-                        f"{stop.signal_name or 'stop signal'} received: saved "
-                        f"checkpoint-{progress.step}; resume with --resume_from_checkpoint latest",
-                        flush=True,
-                    )
-                run.accelerator.end_training()
-                return run.output_dir
+                return stop_early(run, progress, bar, stop.signal_name)
             if progress.step % args.validation_steps == 0:
                 validate(run, teacher, data, trainer, progress.step)
     finish(run, teacher, data, trainer, progress)
+    return run.output_dir
+
+
+def stop_early(run: Run, progress: Progress, bar: Any, signal_name: str | None) -> Path:
+    """After SIGTERM / SIGINT: the checkpoint is saved; say how to resume and end the run
+    (no export: the run is not finished)."""
+    bar.close()
+    if run.is_main:
+        print(
+            f"{signal_name or 'stop signal'} received: saved checkpoint-{progress.step}; "
+            "resume with --resume_from_checkpoint latest",
+            flush=True,
+        )
+    run.accelerator.end_training()
     return run.output_dir
 
 
