@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
+from tiny_pipelines import TINY_SD3_CONFIG
 
 from fastgen_diffusers.plugins import sd3
 from fastgen_diffusers.plugins.common import compile_blocks
@@ -19,19 +20,7 @@ from fastgen_diffusers.training import parse_args
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TINY = dict(
-    sample_size=8,
-    patch_size=2,
-    in_channels=4,
-    num_layers=2,
-    attention_head_dim=8,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    caption_projection_dim=16,
-    pooled_projection_dim=24,
-    out_channels=4,
-    pos_embed_max_size=16,
-)
+TINY = TINY_SD3_CONFIG
 
 
 def test_compiled_blocks_match_eager_with_collapsed_tokens():

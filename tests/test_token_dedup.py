@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.models.attention_processor import JointAttnProcessor2_0
+from tiny_pipelines import TINY_SD3_CONFIG
 
 from fastgen_diffusers.plugins import sd3
 from fastgen_diffusers.plugins.common import identical_token_runs
@@ -24,19 +25,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 TEACHER = Path(__file__).resolve().parents[1] / "embedded" / "digits-sd3"
 TOL = dict(rtol=1e-5, atol=1e-6)
-TINY = dict(
-    sample_size=16,
-    patch_size=2,
-    in_channels=4,
-    num_layers=3,
-    attention_head_dim=8,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    caption_projection_dim=16,
-    pooled_projection_dim=24,
-    out_channels=4,
-    pos_embed_max_size=16,
-)
+TINY = {**TINY_SD3_CONFIG, "sample_size": 16, "num_layers": 3}
 VARIANTS = {"sd3": {}, "sd35": {"qk_norm": "rms_norm", "dual_attention_layers": (0, 1)}}
 
 

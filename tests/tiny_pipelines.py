@@ -157,6 +157,22 @@ def _image_vae(seed: int, latent_channels: int, scaling: float, shift: float) ->
 # -- Stable Diffusion 3 -------------------------------------------------------------------------
 
 
+# The tiny SD3 transformer of save_tiny_sd3 (tests that build the transformer alone use it too).
+TINY_SD3_CONFIG = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=4,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    caption_projection_dim=16,
+    pooled_projection_dim=24,
+    out_channels=4,
+    pos_embed_max_size=16,
+)
+
+
 def save_tiny_sd3(path: str | os.PathLike) -> Path:
     """A tiny ``StableDiffusion3Pipeline``: 2-layer transformer (4 latent channels), two CLIP
     encoders (pooled 12 + 12) and a T5 encoder, SD3's VAE factors."""
@@ -165,19 +181,7 @@ def save_tiny_sd3(path: str | os.PathLike) -> Path:
         tokenizer = _clip_tokenizer(clip_length)
         tokenizer_3 = _t5_tokenizer()
         torch.manual_seed(0)
-        transformer = SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=4,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            caption_projection_dim=16,
-            pooled_projection_dim=24,
-            out_channels=4,
-            pos_embed_max_size=16,
-        ).eval()
+        transformer = SD3Transformer2DModel(**TINY_SD3_CONFIG).eval()
         pipe = StableDiffusion3Pipeline(
             transformer=transformer,
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
