@@ -60,6 +60,7 @@ __all__ = [
     "CollapseMonitor",
     "MonitorThresholds",
     "pairwise_rms",
+    "prompt_fingerprints",
     "prompt_groups",
     "saturation_fraction",
     "vsd_weight",
@@ -152,6 +153,21 @@ def prompt_groups(*conditioning: torch.Tensor | None) -> torch.Tensor:
     if rows.shape[0] != batch:
         raise ValueError("prompt_groups: conditioning tensors have different batch sizes")
     return torch.unique(rows, dim=0, return_inverse=True)[1]
+
+
+def prompt_fingerprints(*conditioning: torch.Tensor | None) -> torch.Tensor:
+    """``[B]`` float64 fingerprints of the rows' conditioning (on CPU): equal rows give equal
+    values, so ranks can gather these instead of the embeddings and group the global batch
+    (``torch.unique(gathered, return_inverse=True)``); distinct rows collide only by chance."""
+    tensors = [c for c in conditioning if isinstance(c, torch.Tensor)]
+    if not tensors:
+        raise ValueError("prompt_fingerprints needs at least one conditioning tensor")
+    rows = torch.cat([_flat(c).cpu() for c in tensors], dim=1)
+    # A fixed random projection, computed on the CPU row by row in the same order, is a
+    # deterministic function of the row.
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(rows.shape[1], generator=g, dtype=torch.float64) + 0.5
+    return torch.stack([(row * weights).sum() for row in rows])
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ from fastgen_diffusers.monitors import (
     CollapseMonitor,
     MonitorThresholds,
     pairwise_rms,
+    prompt_fingerprints,
     prompt_groups,
     saturation_fraction,
     vsd_weight,
@@ -50,6 +51,11 @@ def test_prompt_groups_follow_equal_conditioning():
     ids = prompt_groups(ehs, pooled).tolist()
     assert ids[0] == ids[2] and len({ids[0], ids[1], ids[3]}) == 3
     assert prompt_groups(ehs, None).tolist() == prompt_groups(ehs).tolist()
+    # fingerprints (what ranks gather) group the rows the same way, across calls too
+    fp = torch.cat(
+        [prompt_fingerprints(ehs[:2], pooled[:2]), prompt_fingerprints(ehs[2:], pooled[2:])]
+    )
+    assert torch.unique(fp, return_inverse=True)[1].tolist() == ids
     with pytest.raises(ValueError, match="at least one conditioning tensor"):
         prompt_groups(None)
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import DMDConfig
 from ..loader import load_dmd_config
-from ..monitors import CollapseMonitor, prompt_groups
+from ..monitors import CollapseMonitor, prompt_fingerprints
 from ..plan import preflight as memory_preflight
 from .args import TrainingArguments
 from .checkpointing import save_checkpoint
@@ -263,12 +263,19 @@ def _monitor_stats(
         if reference is None:
             with run.accelerator.autocast():
                 reference = dmd.teacher_x0_at_student_input(ehs, **cond)
+        prompts = prompt_fingerprints(ehs, *cond.values()).to(run.device)
+        tensors = [record["gen"], reference, record["teacher_x0"], record["fake_x0"], prompts]
+        if run.accelerator.num_processes > 1:
+            # the global batch on every rank: prompt pairs across ranks count, and every rank
+            # logs the same keys (the mean over ranks needs them)
+            tensors = [run.accelerator.gather(t.contiguous()) for t in tensors]
+        gen, reference, teacher_x0, fake_x0, prompts = tensors
         return monitor.measure(
-            student_x0=record["gen"],
+            student_x0=gen,
             reference_x0=reference,
-            group_ids=prompt_groups(ehs, *cond.values()),
-            teacher_x0=record["teacher_x0"],
-            fake_x0=record["fake_x0"],
+            group_ids=torch.unique(prompts.cpu(), return_inverse=True)[1],
+            teacher_x0=teacher_x0,
+            fake_x0=fake_x0,
             grad_norm=grad_norm,
         )
     finally:
