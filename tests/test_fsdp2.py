@@ -221,6 +221,8 @@ def test_two_ranks_equal_one_process(setup, name, layout, precision):
     torchrun(HARNESS, *argv(root, model, two, GLOBAL_BATCH // 2, *extra, *two_extra))
     # The last checkpoint holds the student gathered as the final export is.
     assert_same_weights(two / f"checkpoint-{STEPS}", two, atol=0)
+    # the monitors' check of step 0 runs on the gathered global batch: compared below too
+    assert {"monitor/diversity_batch", "monitor/saturation"} <= losses(two)[1].keys()
     if precision == "bf16":
         assert_same_losses(one, two, BF16_LOSS_RTOL, BF16_LOSS_ATOL)
         assert_same_weights(one, two, BF16_WEIGHT_ATOL)
