@@ -156,12 +156,15 @@ def prompt_groups(*conditioning: torch.Tensor | None) -> torch.Tensor:
 
 
 def prompt_fingerprints(*conditioning: torch.Tensor | None) -> torch.Tensor:
-    """``[B]`` float64 fingerprints of the rows' conditioning (on CPU): equal rows give equal
+    """``[B]`` float64 fingerprints of the rows' conditioning (on CPU; tensors whose first
+    dim is not the first tensor's batch are left out): equal rows give equal
     values, so ranks can gather these instead of the embeddings and group the global batch
     (``torch.unique(gathered, return_inverse=True)``); distinct rows collide only by chance."""
     tensors = [c for c in conditioning if isinstance(c, torch.Tensor)]
     if not tensors:
         raise ValueError("prompt_fingerprints needs at least one conditioning tensor")
+    # a tensor without the batch axis (shared by every row) cannot tell rows apart
+    tensors = [c for c in tensors if c.ndim > 0 and c.shape[0] == tensors[0].shape[0]]
     rows = torch.cat([_flat(c).cpu() for c in tensors], dim=1)
     # A fixed random projection, computed on the CPU row by row in the same order, is a
     # deterministic function of the row.

@@ -263,7 +263,12 @@ def _monitor_stats(
         if reference is None:
             with run.accelerator.autocast():
                 reference = dmd.teacher_x0_at_student_input(ehs, **cond)
-        prompts = prompt_fingerprints(ehs, *cond.values()).to(run.device)
+        conditioning = [c for c in (ehs, *cond.values()) if isinstance(c, torch.Tensor)]
+        prompts = (  # no conditioning: one group
+            prompt_fingerprints(*conditioning)
+            if conditioning
+            else torch.zeros(record["gen"].shape[0], dtype=torch.float64)
+        ).to(run.device)
         tensors = [record["gen"], reference, record["teacher_x0"], record["fake_x0"], prompts]
         if run.accelerator.num_processes > 1:
             # the global batch on every rank: prompt pairs across ranks count, and every rank
