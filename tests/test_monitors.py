@@ -45,7 +45,8 @@ def test_pairwise_rms_matches_the_pair_loop():
 
 
 def test_prompt_groups_follow_equal_conditioning():
-    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
     ehs = torch.stack([a[0], b[0], a[0], b[0]])
     pooled = torch.stack([a[1], b[1], a[1], a[1]])  # row 3 differs in the pooled embedding only
     ids = prompt_groups(ehs, pooled).tolist()
@@ -55,7 +56,8 @@ def test_prompt_groups_follow_equal_conditioning():
     fp = torch.cat(
         [prompt_fingerprints(ehs[:2], pooled[:2]), prompt_fingerprints(ehs[2:], pooled[2:])]
     )
-    assert torch.unique(fp, return_inverse=True)[1].tolist() == ids
+    fp_ids = torch.unique(fp, return_inverse=True)[1].tolist()
+    assert fp_ids[0] == fp_ids[2] and len({fp_ids[0], fp_ids[1], fp_ids[3]}) == 3
     with pytest.raises(ValueError, match="at least one conditioning tensor"):
         prompt_groups(None)
 
@@ -185,3 +187,38 @@ def test_bad_settings_and_shapes_are_named():
         MonitorThresholds(patience=0)
     with pytest.raises(ValueError, match=r"reference_x0 \(2, 3\) must match student_x0 \(2, 4\)"):
         CollapseMonitor().measure(student_x0=torch.zeros(2, 4), reference_x0=torch.zeros(2, 3))
+
+
+def test_log_step_prints_each_warning_once_and_keeps_history_out_of_losses_jsonl(tmp_path, capsys):
+    import json
+    from types import SimpleNamespace
+
+    from tqdm.auto import tqdm
+
+    from fastgen_diffusers.training.loop import log_step
+
+    tracked: list[tuple[int, dict]] = []
+    run = SimpleNamespace(
+        accelerator=SimpleNamespace(log=lambda logs, step: tracked.append((step, logs))),
+        is_main=True,
+        log_dir=tmp_path / "logs",
+    )
+    monitor = CollapseMonitor()
+    bar = tqdm(total=8, disable=True)
+    for step in range(1, 9):
+        logs = {"student/total": 0.5, "monitor/diversity_prompt_ratio": 0.1}
+        if step % 2 == 0:  # a fake-score turn: no check, feeds the trend
+            logs = {"fake_score/total": 0.2, "fake_score/fake_score": 0.2}
+        log_step(run, logs, step, bar, monitor)
+    out = capsys.readouterr().out
+    assert out.count("WARNING collapse monitor") == 1  # third check (step 5), printed once
+    assert "step 5: diversity = 0.1 (diversity_prompt_ratio below 0.3" in out
+    checks = dict(tracked)
+    assert checks[5]["monitor/alarm/diversity"] == 1.0 and checks[3]["monitor/alarm/diversity"] == 0
+    assert checks[3]["monitor/fake_score_trend"] == 1.0  # its own first window
+    rows = [
+        json.loads(line) for line in (tmp_path / "logs" / "losses.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert not any("alarm" in k or "trend" in k for r in rows for k in r)
+    assert rows[4]["monitor/diversity_prompt_ratio"] == 0.1
