@@ -110,6 +110,10 @@ class DMDPipeline(DistillationPipeline):
     """
 
     config: DMDConfig
+    # Monitors (fastgen_diffusers.monitors): when set, compute_student_loss keeps its tensors
+    # (detached) in last_student_step: student input and t, gen, teacher and fake-score x0.
+    record_student_step: bool = False
+    last_student_step: dict[str, torch.Tensor] | None = None
 
     def __init__(
         self,
@@ -449,7 +453,8 @@ class DMDPipeline(DistillationPipeline):
         batch = noise.shape[0]
 
         self._sample_cache = None  # the student is about to change
-        gen = self._generate(latents, noise, encoder_hidden_states, model_kwargs)
+        x_in, t_in = self._student_input(latents, noise, encoder_hidden_states, model_kwargs)
+        gen = self._predict_x0(self.student, x_in, t_in, encoder_hidden_states, model_kwargs)
         t = self._timesteps(batch, gen.device)
         x_t = add_noise(gen, self._randn_like(gen), t)
 
@@ -470,6 +475,14 @@ class DMDPipeline(DistillationPipeline):
             )
 
         vsd = vsd_loss(gen, teacher_x0, fake_x0)
+        if self.record_student_step:
+            self.last_student_step = {
+                "student_input": x_in.detach(),
+                "student_t": t_in,
+                "gen": gen.detach(),
+                "teacher_x0": teacher_x0,
+                "fake_x0": fake_x0,
+            }
         if features is None:
             return {"vsd": vsd, "total": vsd}
         assert self.discriminator is not None  # features come only with gan_enabled
@@ -558,6 +571,21 @@ class DMDPipeline(DistillationPipeline):
         r1 = r1_loss(real_logits, self.discriminator(perturbed_features))
         total = gan_disc + cfg.gan_r1_reg_weight * r1
         return {"gan_disc": gan_disc, "r1": r1, "total": total}
+
+    def teacher_x0_at_student_input(
+        self, encoder_hidden_states: torch.Tensor | None = None, **model_kwargs: Any
+    ) -> torch.Tensor:
+        """The teacher's conditional x0 (no CFG, no grad) at the input of the last recorded
+        student step (``record_student_step``): what the teacher predicts from the same noise.
+        Pass the conditioning that step used."""
+        if self.last_student_step is None:
+            raise RuntimeError(
+                "teacher_x0_at_student_input needs a recorded student step: set "
+                "record_student_step = True before compute_student_loss"
+            )
+        x, t = self.last_student_step["student_input"], self.last_student_step["student_t"]
+        with torch.no_grad():
+            return self._predict_x0(self.teacher, x, t, encoder_hidden_states, model_kwargs)
 
     def update_ema(self, *, iteration: int | None = None) -> None:
         """Update the student EMA (no-op without ``config.ema``); call after the student step.

@@ -123,6 +123,7 @@ class TrainingArguments:
     report_to: str
     logging_dir: str
     tracker_project_name: str
+    monitor_every: int
     allow_resume_changes: bool
     # Hub
     push_to_hub: bool
@@ -557,6 +558,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Project name of the trackers (the wandb project, the tensorboard sub-folder).",
     )
     logs.add_argument(
+        "--monitor_every",
+        type=int,
+        default=50,
+        help="Collapse and saturation monitors (fastgen_diffusers.monitors): sample diversity "
+        "per prompt, latent statistics and saturation, VSD weight, gradient norm and fake-score "
+        "loss trend, logged on the first student update of every N iterations, with one warning "
+        "per diagnostic that stays past its threshold (0 disables them).",
+    )
+    logs.add_argument(
         "--allow_resume_changes",
         action="store_true",
         help="Resume even when the recipe, layout, family, model or global batch differ from "
@@ -644,6 +654,10 @@ def check_arguments(args: TrainingArguments | argparse.Namespace) -> None:
             continue
         if value < 1:
             raise UserError(f"--{name} must be >= 1, got {value}")
+    if args.monitor_every < 0:
+        raise UserError(
+            f"--monitor_every must be >= 0 (0 disables the monitors), got {args.monitor_every}"
+        )
     if args.lr_warmup_steps < 0:
         raise UserError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
     if not 0 <= args.seed < 2**32:

@@ -10,8 +10,9 @@ Example::
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import nn
@@ -19,7 +20,13 @@ if TYPE_CHECKING:
     from ..plugins.base import Family
     from .state import Run, Teacher, Trainer
 
-__all__ = ["print_run_summary", "print_student_location", "run_summary", "student_location"]
+__all__ = [
+    "print_monitor_warning",
+    "print_run_summary",
+    "print_student_location",
+    "run_summary",
+    "student_location",
+]
 
 
 def _trainable(module: nn.Module) -> int:
@@ -115,3 +122,12 @@ def print_student_location(
             repo_id=repo_id,
         )
         print(line, flush=True)
+
+
+def print_monitor_warning(message: str, bar: Any = None) -> None:
+    """A monitor's warning on its own line, above the progress bar when there is one."""
+    write = getattr(bar, "write", None)
+    if write is not None:
+        write(message, file=sys.stdout)
+    else:
+        print(message, flush=True)

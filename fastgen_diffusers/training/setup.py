@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 
 from ..lora import AdapterRole, LoraSettings, build_dmd_networks, enable_gradient_checkpointing
 from ..methods import DMDPipeline
+from ..monitors import CollapseMonitor
 from ..quantize import quantize_base
 from .args import TrainingArguments
 from .cache import CacheSettings, build_cache
@@ -384,7 +385,8 @@ def make_trainer(run: Run, networks: Networks) -> Trainer:
     # Noise and timesteps drawn for the global batch, this rank's rows kept: N ranks train on
     # exactly what one process would (every rank is seeded alike).
     dmd.draw_for_global_batch(run.accelerator.process_index, run.accelerator.num_processes)
-    return Trainer(prepared, dmd)
+    monitor = CollapseMonitor() if run.args.monitor_every > 0 else None
+    return Trainer(prepared, dmd, monitor=monitor)
 
 
 def resume(run: Run, trainer: Trainer, num_samples: int, family: str | None = None) -> Progress:

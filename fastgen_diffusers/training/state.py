@@ -24,6 +24,7 @@ from torch import nn
 from ..config import DMDConfig
 from ..lora import DMDNetworks
 from ..methods import DMDPipeline
+from ..monitors import CollapseMonitor
 from .args import TrainingArguments
 from .cache import CachedDataset
 from .data_order import ResumableRandomSampler
@@ -100,6 +101,7 @@ class Trainer:
 
     prepared: PreparedNetworks
     dmd: DMDPipeline
+    monitor: CollapseMonitor | None = None  # --monitor_every > 0
 
     @property
     def student(self) -> nn.Module:
