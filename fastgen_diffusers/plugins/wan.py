@@ -853,10 +853,31 @@ class WanFamily(Family):
         return super().teacher_sigmas(scheduler, num_steps, latent_shape)
 
     def card_notes(self, *, base_model: str, lora: bool) -> str:
+        if self.boundary_ratio is None:
+            experts = (
+                "For a Wan 2.2 A14B base model also pass `transformer_2=None, "
+                "boundary_ratio=None` to `from_pretrained`."
+            )
+        else:
+            weights = (
+                "`pytorch_lora_weights.safetensors` (high noise, into `transformer`) and "
+                "`pytorch_lora_weights_transformer_2.safetensors` (low noise, loaded with "
+                "`load_into_transformer_2=True`)"
+                if lora
+                else "`transformer/` (high noise) and `transformer_2/` (low noise)"
+            )
+            experts = (
+                "The student keeps the base model's two experts: "
+                f"{weights}. The pipeline switches from the first to the second at "
+                f"`boundary_ratio = {self.boundary_ratio:g}` (timestep "
+                f"{self.boundary_ratio * NUM_TRAIN_TIMESTEPS:g}), and each of the student's steps "
+                "was trained on the expert the pipeline runs it with: keep the shipped scheduler "
+                "and the base model's `boundary_ratio`. `guidance_scale=1.0` also turns off "
+                "`guidance_scale_2`."
+            )
         return (
             "Wan pipelines take no `sigmas`: the student's schedule lives entirely in the shipped "
-            "scheduler config, so only `num_inference_steps` is passed. For a Wan 2.2 A14B base "
-            "model also pass `transformer_2=None, boundary_ratio=None` to `from_pretrained`.\n\n"
+            f"scheduler config, so only `num_inference_steps` is passed. {experts}\n\n"
             "Loading that scheduler may log \"The config attributes {'sigma_max': ..., "
             "'sigma_min': ...} were passed to FlowMatchEulerDiscreteScheduler, but are not "
             'expected and will be ignored". The warning is harmless and the keys are needed: '

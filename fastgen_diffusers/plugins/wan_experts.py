@@ -67,6 +67,14 @@ class WanExperts(nn.Module):
         ``transformer_2``, in that order."""
         return (self.high, self.low)
 
+    def enable_gradient_checkpointing(self) -> None:
+        for expert in self.experts():
+            expert.enable_gradient_checkpointing()
+
+    def disable_gradient_checkpointing(self) -> None:
+        for expert in self.experts():
+            expert.disable_gradient_checkpointing()
+
     @property
     def config(self) -> Any:
         """The high expert's config (both experts share their architecture)."""

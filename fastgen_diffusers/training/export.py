@@ -242,7 +242,13 @@ def other_run_export(args: Any) -> list[Path]:
             fix="pass another --output_dir, or --overwrite_output_dir to remove that export "
             "(weights, scheduler/, README.md, validation/; checkpoints are kept)",
         )
-    names = ("transformer", "pytorch_lora_weights.safetensors", *_EXPORT_EXTRAS)
+    names = (
+        "transformer",
+        "transformer_2",
+        "pytorch_lora_weights.safetensors",
+        "pytorch_lora_weights_transformer_2.safetensors",
+        *_EXPORT_EXTRAS,
+    )
     return [folder / name for name in names if (folder / name).exists()]
 
 
