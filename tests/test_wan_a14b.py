@@ -275,3 +275,163 @@ def test_rungs_on_the_wrong_side_are_refused():
     assert expert_of_rungs([0.999, 0.875, 0.0], BOUNDARY) == ["high", "high"]
     config = family.student_scheduler_config([0.999, 0.875, 0.0])
     assert config["sigma_max"] == pytest.approx(0.999)
+
+
+@pytest.mark.parametrize("rung", [0, 1, 2, 3])
+def test_each_rung_trains_the_expert_the_pipeline_runs_it_with(a14b, rung):
+    """Backward simulation stopped at rung k: the student loss's gradient reaches the student's
+    high expert for rungs at or above the boundary (1.0, 0.9375) and its low expert for the
+    others (0.8333, 0.625), never both."""
+    _, family, pipe = a14b
+    teacher = family.wrap_transformers([pipe.transformer, pipe.transformer_2])
+    nets = build_dmd_networks(teacher, "full")
+    cfg = DMDConfig(
+        guidance_scale=4.0,
+        student_sample_steps=4,
+        backward_simulation=True,
+        sample_t_cfg={"t_list": T_LIST, "time_dist_type": "uniform"},
+    )
+    dmd = DMDPipeline(nets.student, nets.teacher, nets.fake_score, cfg)
+    dmd._rung_index = lambda num_rungs, device: rung  # the rung drawn at random in training
+    pos, neg = _embeds(2)
+    loss = dmd.compute_student_loss(None, _noise(2), pos, negative_encoder_hidden_states=neg)
+    loss["total"].backward()
+    reached = {
+        name
+        for name, expert in zip(("high", "low"), nets.student.experts())
+        if any(p.grad is not None and p.grad.abs().sum() > 0 for p in expert.parameters())
+    }
+    assert reached == {expert_of_rungs(T_LIST, BOUNDARY)[rung]}
+
+
+# -- training runs ------------------------------------------------------------------------------
+
+RUN_PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
+RUN_STEPS = 4
+
+
+def _train_argv(model, root, out, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--recipe",
+        "general/distillation/dmd2_wan22_a14b_t2v",
+        "--recipe_overrides",
+        "student_update_freq=2",
+        "ema.decay=0.9",
+        "--guidance_scale_2",
+        "3.0",
+        "--dataset_name",
+        str(root / "prompts.jsonl"),
+        "--output_dir",
+        str(out),
+        "--height",
+        str(HEIGHT),
+        "--width",
+        str(WIDTH),
+        "--num_frames",
+        str(FRAMES),
+        "--max_sequence_length",
+        "8",
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        str(RUN_STEPS),
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+        "--seed",
+        "7",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(a14b, tmp_path_factory):
+    """Two 4-iteration runs on the tiny A14B pipeline, a checkpoint every 2: the full layout,
+    and shared_lora (each expert its own shared base with student and fake-score adapters)."""
+    import json
+
+    from fastgen_diffusers.training import parse_args, train
+
+    path = a14b[0]
+    root = tmp_path_factory.mktemp("a14b-runs")
+    (root / "prompts.jsonl").write_text(
+        "".join(json.dumps({"text": p}) + "\n" for p in RUN_PROMPTS)
+    )
+    runs = {}
+    for layout, flags in {
+        "full": [],
+        "shared_lora": ["--use_lora", "--rank", "4", "--lora_layout", "shared_lora"],
+    }.items():
+        out = root / layout
+        train(parse_args(_train_argv(path, root, out, "--checkpointing_steps", "2", *flags)))
+        runs[layout] = (out, flags)
+    return root, runs
+
+
+def _exported(out) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(out.glob("transformer*/*.safetensors")) or sorted(
+        out.glob("pytorch_lora_weights*.safetensors")
+    )
+    return {f"{f.relative_to(out)}/{k}": v for f in files for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("layout", ["full", "shared_lora"])
+def test_trained_student_runs_in_stock_pipeline(a14b, trained, layout):
+    """The run's export (both experts) loads into the stock two-expert pipeline,
+    which follows the recipe's rungs and equals sample_student on the loaded experts."""
+    path, family, _ = a14b
+    out = trained[1][layout][0]
+    if layout == "full":
+        assert (out / "transformer").is_dir() and (out / "transformer_2").is_dir()
+    else:
+        assert [p.name for p in sorted(out.glob("*.safetensors"))] == lora_weight_names_for_two()
+    pos, _ = _embeds(1)
+    noise = _noise(1)
+    ref = _stock_student_run(path, out, layout != "full", noise, pos)
+    if layout == "full":
+        from diffusers import WanTransformer3DModel
+
+        high, low = (
+            WanTransformer3DModel.from_pretrained(out, subfolder=name)
+            for name in ("transformer", "transformer_2")
+        )
+    else:
+        pipe = WanPipeline.from_pretrained(path, text_encoder=None, tokenizer=None)
+        pipe.load_lora_weights(out)
+        pipe.load_lora_weights(
+            out, weight_name=lora_weight_names_for_two()[1], load_into_transformer_2=True
+        )
+        high, low = pipe.transformer, pipe.transformer_2
+    student = family.wrap_transformers([high, low])
+    with torch.no_grad():
+        ours = sample_student(student, noise, T_LIST, encoder_hidden_states=pos)
+    torch.testing.assert_close(ours, ref, **TOL)
+    card = (out / "README.md").read_text()
+    assert "transformer_2" in card and "boundary_ratio = 0.875" in card
+
+
+@pytest.mark.parametrize("layout", ["full", "shared_lora"])
+def test_resume_is_exact(a14b, trained, layout, tmp_path):
+    """Resumed from checkpoint-2, the run logs the same losses and exports the same two
+    experts, bit for bit."""
+    import shutil
+
+    from fastgen_diffusers.training import parse_args, train
+
+    root, runs = trained
+    straight, flags = runs[layout]
+    out = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoint-2", out / "checkpoint-2")
+    shutil.copytree(straight / "logs", out / "logs")  # rows 3-4 are cut and written again
+    train(parse_args(_train_argv(a14b[0], root, out, "--resume_from_checkpoint", "latest", *flags)))
+    losses = (out / "logs" / "losses.jsonl").read_text()
+    assert losses == (straight / "logs" / "losses.jsonl").read_text()
+    assert len(losses.splitlines()) == RUN_STEPS
+    a, b = _exported(straight), _exported(out)
+    assert a.keys() == b.keys() and any("transformer_2" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
