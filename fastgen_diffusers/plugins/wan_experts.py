@@ -122,20 +122,41 @@ class WanExperts(nn.Module):
                 f"scalar), got shape {tuple(t.shape)}"
             )
         high = self.is_high_noise(t)
-        n_high = int(high.sum())
-        if n_high == batch:  # one expert for the whole batch: no split, no copy
-            return self.high(hidden_states=hidden_states, timestep=timestep, **kwargs)
-        if n_high == 0:
-            return self.low(hidden_states=hidden_states, timestep=timestep, **kwargs)
         rows = {"high": high.nonzero().squeeze(1), "low": (~high).nonzero().squeeze(1)}
+        sharded = _several_ranks()
+        if not sharded:  # one expert for the whole batch: no split, no copy
+            if len(rows["low"]) == 0:
+                return self.high(hidden_states=hidden_states, timestep=timestep, **kwargs)
+            if len(rows["high"]) == 0:
+                return self.low(hidden_states=hidden_states, timestep=timestep, **kwargs)
         outs: dict[str, torch.Tensor] = {}
-        for name, index in rows.items():
+        unused: list[torch.Tensor] = []
+        for name, index in rows.items():  # always high, then low: the same order on every rank
             expert = self.high if name == "high" else self.low
+            if len(index) == 0:
+                # Several ranks: every rank runs both experts, so that the sharded experts'
+                # all-gathers (and gradient reductions) pair up across ranks whatever rows each
+                # rank holds; this rank runs one row and keeps none of it.
+                index = torch.zeros(1, dtype=torch.long, device=hidden_states.device)
+                part = {k: _rows(v, index, batch) for k, v in kwargs.items()}
+                out = expert(hidden_states=hidden_states[index], timestep=t[index], **part)
+                unused.append(out[:0].sum())  # in the graph with a zero gradient
+                continue
             part = {k: _rows(v, index, batch) for k, v in kwargs.items()}
             outs[name] = expert(hidden_states=hidden_states[index], timestep=t[index], **part)
         # Back in the batch's order: row i of the concatenation came from sample order[i].
-        order = torch.cat([rows["high"], rows["low"]])
-        return torch.cat([outs["high"], outs["low"]])[torch.argsort(order)]
+        used = [name for name in ("high", "low") if name in outs]
+        order = torch.cat([rows[name] for name in used])
+        out = torch.cat([outs[name] for name in used])[torch.argsort(order)]
+        for zero in unused:
+            out = out + zero.to(out.dtype)
+        return out
+
+
+def _several_ranks() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _rows(value: Any, index: torch.Tensor, batch: int) -> Any:
