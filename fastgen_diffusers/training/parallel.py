@@ -100,7 +100,10 @@ def load_pipeline(accelerator: Accelerator, family: Any, path: str, **kwargs: An
         library, class_name = index[name]
         cls = classes[name] = getattr(diffusers, class_name)
         config = cls.load_config(path, subfolder=name, revision=revision)
-        with init_empty_weights(include_buffers=False):
+        # Some parameters are drawn on the CPU before init_empty_weights moves them to the meta
+        # device (Wan's scale_shift_table: torch.randn): keep the run's random stream where the
+        # unsharded run has it (the LoRA initialisation draws from it later).
+        with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
             empty[name] = cls.from_config(config)
         empty[name].to(kwargs.get("torch_dtype") or torch.float32)
     pipe = family.load_pipeline(path, **empty, **kwargs)
