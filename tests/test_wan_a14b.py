@@ -435,3 +435,21 @@ def test_resume_is_exact(a14b, trained, layout, tmp_path):
     a, b = _exported(straight), _exported(out)
     assert a.keys() == b.keys() and any("transformer_2" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("layout", ["full", "shared_lora"])
+def test_card_snippet_runs_both_experts(trained, layout, tmp_path, monkeypatch):
+    """The model card's snippet, run as written (CPU, float32) from another directory, loads
+    the student's two experts into the stock pipeline and makes a video."""
+    from test_card_snippets import run_card_snippet
+
+    out = trained[1][layout][0]
+    ns = run_card_snippet(out, tmp_path / "elsewhere", monkeypatch)
+    pipe = ns["pipe"]
+    assert type(pipe).__name__ == "WanPipeline" and pipe.config.boundary_ratio == BOUNDARY
+    if layout == "full":
+        assert "transformer_2=transformer_2" in (out / "README.md").read_text()
+    else:
+        for expert in (pipe.transformer, pipe.transformer_2):
+            assert list(expert.peft_config) == ["default_0"]
+    assert ns["video"] is not None and len(ns["video"]) == FRAMES
