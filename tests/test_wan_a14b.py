@@ -304,6 +304,27 @@ def test_each_rung_trains_the_expert_the_pipeline_runs_it_with(a14b, rung):
     assert reached == {expert_of_rungs(T_LIST, BOUNDARY)[rung]}
 
 
+def test_two_expert_run_mistakes_are_caught_before_loading(a14b, tmp_path):
+    """The GAN branch and --guidance_scale_2 without CFG are refused by the preflight, naming
+    the value and the fix."""
+    from fastgen_diffusers.training import parse_args
+    from fastgen_diffusers.training.errors import UserError
+    from fastgen_diffusers.training.preflight import preflight
+
+    (tmp_path / "prompts.jsonl").write_text('{"text": "a cat"}\n')
+    base = _train_argv(a14b[0], tmp_path, tmp_path / "out")
+    cases = {
+        "gan_loss_weight_gen=0.03": ["gan_loss_weight_gen=0.03", "two-expert", "gan_loss"],
+        "guidance_scale=null": ["--guidance_scale_2 3.0", "guidance_scale is null"],
+    }
+    for override, expected in cases.items():
+        argv = [*base, "--recipe_overrides", "student_update_freq=2", override]
+        with pytest.raises(UserError) as err:
+            preflight(parse_args(argv))
+        for part in expected:
+            assert part in str(err.value), (override, str(err.value))
+
+
 # -- training runs ------------------------------------------------------------------------------
 
 RUN_PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
