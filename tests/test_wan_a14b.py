@@ -189,6 +189,46 @@ def test_mixed_batch_routing_and_per_sample_cfg(a14b):
         wrong._guided_teacher_x0(x, t, pos, neg, 4.0, {}, {}, None)
 
 
+def test_i2v_condition_follows_its_rows():
+    """Wan 2.2 I2V-A14B layout (boundary 0.9, [mask, condition latents] concatenated to the
+    noisy latents): each row's condition_latents go with it to its expert."""
+    from diffusers import WanTransformer3DModel
+
+    experts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        experts.append(
+            WanWrapper(
+                WanTransformer3DModel(
+                    patch_size=(1, 2, 2),
+                    num_attention_heads=2,
+                    attention_head_dim=12,
+                    in_channels=12,  # 4 noisy + 4 mask + 4 condition channels
+                    out_channels=4,
+                    text_dim=16,
+                    freq_dim=16,
+                    ffn_dim=32,
+                    num_layers=1,
+                    rope_max_seq_len=32,
+                ).eval()
+            )
+        )
+    model = WanExperts(*experts, boundary_ratio=0.9)
+    t = torch.tensor([0.3, 0.95, 0.9])
+    x, (pos, _) = _noise(3), _embeds(3)
+    cond = torch.randn(3, 8, *LATENT[1:], generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = model(hidden_states=x, timestep=t, encoder_hidden_states=pos, condition_latents=cond)
+        for i, expert in enumerate([experts[1], experts[0], experts[0]]):
+            alone = expert(
+                hidden_states=x[i : i + 1],
+                timestep=t[i : i + 1],
+                encoder_hidden_states=pos[i : i + 1],
+                condition_latents=cond[i : i + 1],
+            )
+            torch.testing.assert_close(out[i : i + 1], alone, rtol=1e-6, atol=1e-6)
+
+
 def _stock_student_run(pipe_path, export_dir, lora: bool, noise, pos) -> torch.Tensor:
     if lora:
         pipe = WanPipeline.from_pretrained(pipe_path, text_encoder=None, tokenizer=None)

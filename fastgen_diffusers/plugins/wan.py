@@ -711,6 +711,11 @@ class WanFamily(Family):
         expand_timesteps: the pipeline's ``expand_timesteps`` (Wan 2.2 TI2V-5B: per-token
             timesteps); :func:`~fastgen_diffusers.plugins.family_from_pretrained` reads it from
             ``model_index.json``.
+        boundary_ratio: set for a two-expert Wan 2.2 A14B pipeline (``transformer_2``; 0.875
+            for T2V): the family's networks are then
+            :class:`~fastgen_diffusers.plugins.wan_experts.WanExperts` of ``transformer`` and
+            ``transformer_2`` (:meth:`wrap_transformers`), and :meth:`student_scheduler_config`
+            also checks that each rung stays on its expert's side of the boundary.
 
     Example::
 
