@@ -591,6 +591,12 @@ def save_student_lora(
 def fuse_student(student: AdapterRole) -> nn.Module:
     """A plain diffusers transformer with the student adapter merged into its weights (a copy:
     the training model is left as it is). Save it with ``save_pretrained``."""
+    experts = _expert_models(student.module)
+    if len(experts) > 1:
+        raise ValueError(
+            f"fuse_student merges one transformer; this student has {len(experts)} experts: "
+            "export it with save_student_lora (one file per expert)"
+        )
     inner = _adapted_model(student.module)
     fused = copy.deepcopy(inner)
     detach_feature_capture(fused)
