@@ -474,6 +474,8 @@ def test_trained_student_runs_in_stock_pipeline(a14b, trained, layout):
     torch.testing.assert_close(ours, ref, **TOL)
     card = (out / "README.md").read_text()
     assert "transformer_2" in card and "boundary_ratio = 0.875" in card
+    assert "| teacher CFG scale | 4 |" in card
+    assert "| teacher CFG scale, low-noise expert | 3 |" in card
 
 
 @pytest.mark.parametrize("layout", ["full", "shared_lora"])
