@@ -441,6 +441,7 @@ def _exported(out) -> dict[str, torch.Tensor]:
     return {f"{f.relative_to(out)}/{k}": v for f in files for k, v in load_file(f).items()}
 
 
+@pytest.mark.slow  # end-to-end training runs
 @pytest.mark.parametrize("layout", ["full", "shared_lora"])
 def test_trained_student_runs_in_stock_pipeline(a14b, trained, layout):
     """The run's export (both experts) loads into the stock two-expert pipeline,
@@ -478,6 +479,7 @@ def test_trained_student_runs_in_stock_pipeline(a14b, trained, layout):
     assert "| teacher CFG scale, low-noise expert | 3 |" in card
 
 
+@pytest.mark.slow  # end-to-end training runs
 @pytest.mark.parametrize("layout", ["full", "shared_lora"])
 def test_resume_is_exact(a14b, trained, layout, tmp_path):
     """Resumed from checkpoint-2, the run logs the same losses and exports the same two
@@ -500,6 +502,7 @@ def test_resume_is_exact(a14b, trained, layout, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # end-to-end training runs
 @pytest.mark.parametrize("layout", ["full", "shared_lora"])
 def test_card_snippet_runs_both_experts(trained, layout, tmp_path, monkeypatch):
     """The model card's snippet, run as written (CPU, float32) from another directory, loads
