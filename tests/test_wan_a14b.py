@@ -309,12 +309,18 @@ def test_exported_student_runs_in_stock_pipeline(a14b, tmp_path, layout):
     assert (wrong - ref).abs().max() > 1e-3
 
 
-def test_rungs_on_the_wrong_side_are_refused():
+def test_a_scheduler_sending_a_rung_to_the_other_expert_is_refused():
+    from fastgen_diffusers.plugins.wan_experts import check_expert_sides
+
     family = WanFamily(boundary_ratio=BOUNDARY)
     # 0.875 exactly is the high expert's (t >= boundary), in training and in the pipeline.
     assert expert_of_rungs([0.999, 0.875, 0.0], BOUNDARY) == ["high", "high"]
     config = family.student_scheduler_config([0.999, 0.875, 0.0])
     assert config["sigma_max"] == pytest.approx(0.999)
+    # A config whose second rung (0.87) falls below the boundary, for a student trained on 0.88.
+    other = family.student_scheduler_config([0.999, 0.87, 0.0])
+    with pytest.raises(ValueError, match=r"other sides of boundary_ratio=0.875.*\['high', 'low'\]"):
+        check_expert_sides([0.999, 0.88, 0.0], other, BOUNDARY)
 
 
 @pytest.mark.parametrize("rung", [0, 1, 2, 3])
