@@ -52,9 +52,12 @@ def expand_like(x: torch.Tensor | float, target: torch.Tensor) -> torch.Tensor:
 
 
 def classifier_free_guidance(
-    cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float
+    cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float | torch.Tensor
 ) -> torch.Tensor:
     """DMD2-convention classifier-free guidance: ``cond + (s - 1) * (cond - uncond)``.
+
+    ``guidance_scale`` is a number or a tensor broadcasting against ``cond`` (per-sample scales
+    ``[B, 1, ...]``).
 
     Equivalent to the usual ``uncond + s * (cond - uncond)``; written this way so that
     ``s = 1`` returns ``cond`` exactly. Applied to x0 predictions by :class:`DMDPipeline`.

@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -107,6 +107,11 @@ class DMDPipeline(DistillationPipeline):
             doubled batch (same numbers, one launch). Every Tensor in ``model_kwargs`` must then
             have the batch as its first dimension. With the GAN branch the student step keeps
             the two passes apart: only the conditional one needs a graph.
+        guidance_scale_fn: per-sample CFG scales: maps the teacher's ``t`` ``[B]`` to scales
+            ``[B]`` (each >= 1), used instead of the scalar whenever CFG is on (the config's or
+            the call's ``guidance_scale`` is not ``None``). E.g. a two-expert teacher's
+            ``guidance_scale`` / ``guidance_scale_2`` (``WanExperts.guidance_scales`` in
+            :mod:`fastgen_diffusers.plugins.wan_experts`).
     """
 
     config: DMDConfig
@@ -124,6 +129,7 @@ class DMDPipeline(DistillationPipeline):
         *,
         discriminator: nn.Module | None = None,
         batch_cfg: bool = False,
+        guidance_scale_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(config, DMDConfig):
             raise TypeError(f"config must be a DMDConfig, got {type(config).__name__}")
@@ -136,6 +142,7 @@ class DMDPipeline(DistillationPipeline):
         self.fake_score = fake_score
         self.discriminator = discriminator
         self.batch_cfg = batch_cfg
+        self.guidance_scale_fn = guidance_scale_fn
         self._iteration = 0
         self._data_parallel: tuple[int, int] | None = None
         self._sample_cache: tuple[tuple[Any, ...], torch.Tensor, Any] | None = None
@@ -396,8 +403,22 @@ class DMDPipeline(DistillationPipeline):
                     )
         teacher_x0 = cond
         if guidance_scale is not None:
-            teacher_x0 = classifier_free_guidance(cond, uncond, guidance_scale)
+            scale: float | torch.Tensor = guidance_scale
+            if self.guidance_scale_fn is not None:
+                scale = self._per_sample_scale(t, cond)
+            teacher_x0 = classifier_free_guidance(cond, uncond, scale)
         return teacher_x0.detach(), (features if capture is not None else None)
+
+    def _per_sample_scale(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        assert self.guidance_scale_fn is not None
+        scale = torch.as_tensor(self.guidance_scale_fn(t), device=like.device)
+        if scale.shape != (like.shape[0],):
+            raise ValueError(
+                f"guidance_scale_fn must return one scale per sample, shape ({like.shape[0]},), "
+                f"got {tuple(scale.shape)}"
+            )
+        # Broadcast over the sample's dimensions; the CFG arithmetic stays in cond's dtype.
+        return scale.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
     # -- public API -------------------------------------------------------------------------
 

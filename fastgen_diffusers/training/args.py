@@ -60,6 +60,7 @@ class TrainingArguments:
     recipe: str
     recipe_overrides: dict[str, Any]
     flux_guidance: float | None
+    guidance_scale_2: float | None
     max_sequence_length: int | None
     # data
     dataset_name: str | None
@@ -243,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Flux only: the embedded guidance value the student learns at (default: 3.5 for "
         "guidance-distilled checkpoints such as FLUX.1-dev).",
+    )
+    model.add_argument(
+        "--guidance_scale_2",
+        type=float,
+        default=None,
+        help="Two-expert Wan 2.2 A14B teachers only: the teacher's CFG scale for the low-noise "
+        "expert (transformer_2), as WanPipeline's guidance_scale_2; the recipe's guidance_scale "
+        "is the high-noise expert's (default: the recipe's guidance_scale for both).",
     )
     model.add_argument(
         "--max_sequence_length",
@@ -690,6 +699,13 @@ def check_arguments(args: TrainingArguments | argparse.Namespace) -> None:
     _require(0 <= args.lora_dropout < 1, "--lora_dropout", args.lora_dropout, "a value in [0, 1)")
     if args.lora_alpha is not None:
         _require(args.lora_alpha > 0, "--lora_alpha", args.lora_alpha, "a value > 0")
+    if args.guidance_scale_2 is not None:
+        _require(
+            math.isfinite(args.guidance_scale_2) and args.guidance_scale_2 >= 1,
+            "--guidance_scale_2",
+            args.guidance_scale_2,
+            "a value >= 1 (1.0 = conditional only; Wan2.2-T2V-A14B's pipeline example: 3.0)",
+        )
     if args.flux_guidance is not None:
         _require(
             math.isfinite(args.flux_guidance) and args.flux_guidance >= 0,

@@ -89,11 +89,28 @@ def student_location(
     scheduler = (
         f"FlowMatchEulerDiscreteScheduler.from_pretrained({location!r}, subfolder='scheduler')"
     )
+    two_experts = len(family.transformer_components) > 1  # Wan 2.2 A14B
     if lora:
         written = output / "pytorch_lora_weights.safetensors"
         load = (
             f"pipe = {pipeline}.from_pretrained({base_model!r}, scheduler={scheduler}); "
             f"pipe.load_lora_weights({location!r})"
+        )
+        if two_experts:
+            load += (
+                f"; pipe.load_lora_weights({location!r}, "
+                "weight_name='pytorch_lora_weights_transformer_2.safetensors', "
+                "load_into_transformer_2=True)"
+            )
+    elif two_experts:
+        written = output
+        experts = ", ".join(
+            f"{name}={family.transformer_class.__name__}.from_pretrained({location!r}, "
+            f"subfolder={name!r})"
+            for name in family.transformer_components
+        )
+        load = (
+            f"pipe = {pipeline}.from_pretrained({base_model!r}, {experts}, scheduler={scheduler})"
         )
     else:
         written = output / "transformer"
