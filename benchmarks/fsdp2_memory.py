@@ -56,8 +56,8 @@ def _rank_entry(argv: list[str]) -> None:
     thread.start()
     resume = loop.resume
 
-    def resume_then_mark(run, trainer, num_samples):
-        progress = resume(run, trainer, num_samples)
+    def resume_then_mark(run, trainer, num_samples, **kwargs):
+        progress = resume(run, trainer, num_samples, **kwargs)
         peaks["setup"] = max(peaks["setup"], proc.memory_info().rss)
         phase[0] = "steady"
         trained = {
