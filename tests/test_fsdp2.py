@@ -285,7 +285,7 @@ PREPARE_CHECK = textwrap.dedent(
     """
     import sys
     import torch
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
     from torch.distributed.tensor import DTensor
     from fsdp2_harness import CPUFSDP2Accelerator
     from fastgen_diffusers.lora import LoraSettings, build_dmd_networks
@@ -364,6 +364,23 @@ PREPARE_CHECK = textwrap.dedent(
         assert model.gradient_checkpointing is checkpointing, name
         if checkpointing:
             assert model._gradient_checkpointing_func._fastgen_adapter_aware, name
+    # fsdp_offload_params: every unit of every network keeps its shards on the host under
+    # the offload policy (page-locking needs an accelerator: off on this CPU machine).
+    offload = sys.argv[4] == "offload"
+    for name in ("student", "fake_score", "teacher", "discriminator"):
+        net = prepared.discriminator if name == "discriminator" else getattr(nets, name)
+        units = [m for m in getattr(net, "module", net).modules() if isinstance(m, FSDPModule)]
+        assert units, name
+        for unit in units:
+            group = unit._get_fsdp_state()._fsdp_param_group
+            if group is None:  # a unit that holds no parameters of its own
+                continue
+            policy = group.offload_policy
+            assert isinstance(policy, CPUOffloadPolicy) is offload, (name, policy)
+            if offload:
+                assert policy.pin_memory is False, name
+        for p in net.parameters():
+            assert p.to_local().device.type == "cpu", name
     print("OK", layout, local)
     """
 )
@@ -374,7 +391,7 @@ PREPARE_CHECK = textwrap.dedent(
     [
         ("sd3", "full", {}),
         ("sd3", "student_lora", {"fsdp_activation_checkpointing": True}),
-        ("sd3", "separate_lora", {}),
+        ("sd3", "separate_lora", {"fsdp_offload_params": True}),
         ("sd3", "shared_lora", {"fsdp_activation_checkpointing": True}),
         ("wan", "shared_lora", {}),
     ],
@@ -386,8 +403,33 @@ def test_every_network_is_sharded(setup, tmp_path, family, layout, config):
     script = tmp_path / "check.py"
     script.write_text(PREPARE_CHECK)
     checkpointing = "checkpointing" if config.get("fsdp_activation_checkpointing") else "none"
+    offload = "offload" if config.get("fsdp_offload_params") else "none"
     accelerate = accelerate_config(tmp_path / "accelerate.yaml", **config)
-    torchrun(script, layout, str(model), checkpointing, config=accelerate)
+    torchrun(script, layout, str(model), checkpointing, offload, config=accelerate)
+
+
+def test_offloaded_parameters_train_and_resume_as_without(setup, tmp_path):
+    """fsdp_offload_params: true (shards, gradients and optimizer states on the host): the run,
+    its checkpoint and a resume from it equal the run without offloading. On this CPU machine
+    the copies to the compute device are no-ops, so both compute the same sums: equal within
+    the fp32 bounds above (measured: bitwise)."""
+    root, model = setup
+    offload = accelerate_config(tmp_path / "offload.yaml", fsdp_offload_params=True)
+    plain, offloaded, resumed = root / "plain", root / "offloaded", root / "offloaded-resumed"
+    extra = [*FP32, "--checkpointing_steps", "2"]
+    torchrun(HARNESS, *argv(root, model, plain, GLOBAL_BATCH // 2, *extra))
+    torchrun(HARNESS, *argv(root, model, offloaded, GLOBAL_BATCH // 2, *extra), config=offload)
+    assert_same_losses(plain, offloaded, LOSS_RTOL)
+    assert_same_weights(plain, offloaded, WEIGHT_ATOL)
+    shutil.copytree(offloaded / "checkpoint-2", resumed / "checkpoint-2")
+    resume = [*extra, "--resume_from_checkpoint", "latest"]
+    torchrun(HARNESS, *argv(root, model, resumed, GLOBAL_BATCH // 2, *resume), config=offload)
+    assert logged_steps(resumed) == [3, 4]
+    la, lr = losses(offloaded), losses(resumed)
+    for step in (3, 4):
+        for key in la[step]:
+            np.testing.assert_allclose(lr[step][key], la[step][key], rtol=LOSS_RTOL, atol=1e-7)
+    assert_same_weights(plain, resumed, WEIGHT_ATOL)
 
 
 # Divisible by 1, 2 and 3 ranks.
