@@ -69,7 +69,15 @@ def _rank_entry(argv: list[str]) -> None:
         peaks["trained_bytes"] = sum(t.numel() * t.element_size() for t in local)
         return progress
 
+    load_teacher = loop.load_teacher
+
+    def load_teacher_after_baseline(run):
+        # The process with its libraries, accelerate and the process group, before any weights.
+        peaks["baseline"] = proc.memory_info().rss
+        return load_teacher(run)
+
     loop.resume = resume_then_mark
+    loop.load_teacher = load_teacher_after_baseline
     torch.set_num_threads(1)
     if os.environ.get("FSDP2_MEMORY_FSDP") == "1":
         from fsdp2_harness import CPUFSDP2Accelerator
@@ -135,9 +143,30 @@ def _run(root: Path, model: Path, name: str, layout: list[str], nproc: int, step
     if result.returncode != 0:
         raise RuntimeError(result.stdout[-2000:] + result.stderr[-4000:])
     ranks = [json.loads((stats / f"rank{r}.json").read_text()) for r in range(nproc)]
+    from safetensors import safe_open
+
     checkpoint = out / "checkpoint-1"
-    ckpt = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
-    return {"ranks": ranks, "checkpoint": ckpt}
+    state = checkpoint / "state"
+    ckpt = sum(f.stat().st_size for f in state.rglob("*") if f.is_file())
+    ema = 0  # the EMA's payload, if the recipe keeps one
+    for f in state.glob("*.safetensors"):
+        with safe_open(f, framework="pt") as st:
+            for key in st.keys():
+                if key.startswith("ema/"):
+                    t = st.get_slice(key)
+                    ema += _numel(t.get_shape()) * _itemsize(t.get_dtype())
+    return {"ranks": ranks, "checkpoint": ckpt, "ema": ema}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "F64": 8}.get(dtype, 4)
 
 
 def main() -> None:
@@ -157,22 +186,50 @@ def main() -> None:
         print(f"SD3 transformer: {params / 1e6:.0f}M parameters, {model_bytes / MiB:.0f} MiB fp32")
         print(f"{args.steps} steps, global batch 2, 64x64, fp32 (--mixed_precision no)\n")
         header = (
-            f"{'layout':<13}{'run':<10}{'rank':>5}{'setup peak':>12}{'steady peak':>13}"
-            f"{'trained/rank':>14}{'checkpoint':>12}"
+            f"{'layout':<13}{'run':<10}{'rank':>5}{'libs':>7}{'setup peak':>12}{'goal':>7}"
+            f"{'steady peak':>13}{'goal':>7}{'trained/rank':>14}{'ckpt state':>12}{'x trained':>11}"
         )
         print(header + "\n" + "-" * len(header) + "   (MiB; RSS of the process)")
         for name, layout in layouts.items():
+            single = None
             for nproc in (1, 2):
                 run = "1 process" if nproc == 1 else "FSDP2 x2"
                 result = _run(root, root / "model", f"{name}-{nproc}", layout, nproc, args.steps)
+                trained = sum(r["trained_bytes"] for r in result["ranks"])
+                # weights + AdamW's two moments (fp32), + the EMA when kept
+                state = 3 * trained + result["ema"]
                 for rank, peaks in enumerate(result["ranks"]):
-                    ckpt = f"{result['checkpoint'] / MiB:>12.0f}" if rank == 0 else ""
+                    base = peaks["baseline"]
+                    if nproc == 1:
+                        single = peaks
+                        # one process: the teacher, the trained copies
+                        setup_goal = base + model_bytes + trained
+                        steady_goal = peaks["steady"]
+                    else:
+                        # rank 0 reads the teacher onto the host once; every rank holds 1/N
+                        # of the frozen and the trained weights
+                        host = model_bytes if rank == 0 else 0
+                        setup_goal = base + host + (model_bytes + trained) / nproc
+                        assert single is not None
+                        steady_goal = base + (single["steady"] - single["baseline"]) / nproc
+                    cells = ""
+                    if rank == 0:
+                        cells = f"{result['checkpoint'] / MiB:>12.0f}"
+                        cells += f"{result['checkpoint'] / state:>10.2f}x"
                     print(
-                        f"{name:<13}{run:<10}{rank:>5}{peaks['setup'] / MiB:>12.0f}"
-                        f"{peaks['steady'] / MiB:>13.0f}{peaks['trained_bytes'] / MiB:>14.0f}"
-                        + ckpt,
+                        f"{name:<13}{run:<10}{rank:>5}{base / MiB:>7.0f}"
+                        f"{peaks['setup'] / MiB:>12.0f}{setup_goal / MiB:>7.0f}"
+                        f"{peaks['steady'] / MiB:>13.0f}{steady_goal / MiB:>7.0f}"
+                        f"{peaks['trained_bytes'] / MiB:>14.0f}" + cells,
                         flush=True,
                     )
+        print(
+            "\nlibs: RSS before the teacher loads. goal (set-up): libs + the teacher on rank 0's "
+            "host + 1/N of the\nfrozen and trained weights; goal (steady): libs + 1/N of what one "
+            "process adds. ckpt state:\ncheckpoint-1/state (the student export beside it is not "
+            "counted); x trained: its bytes over the\ntrainable state (weights + AdamW moments "
+            "+ EMA)."
+        )
 
 
 if __name__ == "__main__":
