@@ -18,6 +18,11 @@ frozen teacher is replicated. With an accelerate FSDP2 config (``fsdp_version: 2
   (:func:`load_pipeline`) and receive their shards by broadcast right after sharding
   (:func:`~fastgen_diffusers.factory.load_from_rank0`, buffers included), so the host holds
   one full copy, not one per rank. The discriminator and LoRA weights come from rank 0 too.
+- ``fsdp_offload_params: true``: the shards are materialised on the host (FSDP2 keeps them,
+  their gradients and hence the optimizer states there and copies each unit to the accelerator
+  for its compute); buffers, which FSDP does not manage, go to the accelerator;
+- activation checkpointing and compilation (a dynamo backend, or ``--compile_blocks``) are
+  applied per block before sharding.
 
 Example::
 
