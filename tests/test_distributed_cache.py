@@ -67,7 +67,7 @@ BUILD = textwrap.dedent(
 )
 
 
-def run(nproc: int, *argv: str) -> None:
+def run(nproc: int, *argv: str, expect_success: bool = True) -> str:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -77,7 +77,9 @@ def run(nproc: int, *argv: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     cmd += ["--standalone", *argv]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    output = result.stdout + result.stderr
+    assert (result.returncode == 0) == expect_success, output[-6000:]
+    return output
 
 
 def test_two_ranks_each_encode_their_share_of_the_same_cache(tmp_path):
@@ -126,3 +128,14 @@ def test_two_ranks_each_encode_their_share_of_the_same_cache(tmp_path):
             assert torch.equal(sa["cond"][key], sb["cond"][key]), (i, key)
     for key in a.negative:
         assert torch.equal(a.negative[key], b.negative[key]), key
+
+    # An unreadable image in rank 1's share: rank 1 names the row, rank 0 stops too (instead of
+    # waiting for rank 1's share until the collective timeout) and names rank 1; nothing is left.
+    (images / "5.png").write_bytes(b"not an image")
+    cache_dir, out = tmp_path / "cache-broken", tmp_path / "report-broken"
+    out.mkdir()
+    args = (str(script), str(model), str(images), str(cache_dir), str(out), str(size))
+    output = run(2, *args, expect_success=False)
+    assert "row 5" in output, output[-4000:]
+    assert "rank 1 failed while encoding its share of the embedding cache" in output
+    assert not any(p.name.endswith(".safetensors") for p in cache_dir.rglob("*"))

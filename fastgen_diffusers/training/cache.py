@@ -293,13 +293,17 @@ class EmbeddingCache:
                 part = write(tmp, process_index=process_index, num_processes=num_processes)
                 write_json_atomic(tmp / PART_FILE, part)
 
-        _collectively("encoding its share of the embedding cache", write_mine)
+        def discard() -> None:  # a failed build leaves no parts behind
+            if process_index == 0:
+                remove_directory(parts_dir)
+
+        _collectively("encoding its share of the embedding cache", write_mine, discard)
 
         def assemble() -> None:
             if process_index == 0:
                 self._assemble(parts_dir, num_processes, encode_prompts, negative_prompt, inputs)
 
-        _collectively("assembling the embedding cache", assemble)
+        _collectively("assembling the embedding cache", assemble, discard)
         return self.load()
 
     def _assemble(
@@ -493,9 +497,10 @@ def _one_spec(specs: Sequence[Any], what: str) -> Any:
     return given[0] if given else None
 
 
-def _collectively(what: str, step: Callable[[], None]) -> None:
-    """Run ``step`` on every rank; if it fails anywhere, every rank raises (the failing rank
-    its own error, the others one naming it) instead of waiting for it forever."""
+def _collectively(what: str, step: Callable[[], None], on_failure: Callable[[], None]) -> None:
+    """Run ``step`` on every rank; if it fails anywhere, ``on_failure`` runs and every rank
+    raises (the failing rank its own error, the others one naming it) instead of waiting for
+    it forever."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -510,6 +515,8 @@ def _collectively(what: str, step: Callable[[], None]) -> None:
         error = err
     failures: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(failures, None if error is None else f"{type(error).__name__}: {error}")
+    if any(failure is not None for failure in failures):
+        on_failure()
     if error is not None:
         raise error
     for rank, failure in enumerate(failures):
