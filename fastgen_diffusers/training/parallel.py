@@ -416,10 +416,14 @@ def _prepare_fsdp2(accelerator, nets, networks, make_optimizer, make_scheduler) 
         _before_sharding(accelerator, plugin, base)
         with _wrapping(plugin, base), _precision(plugin, full_precision):
             fsdp2_prepare_model(accelerator, base)
+        if offload:
+            # Buffers on the device before load_from_rank0 broadcasts them (NCCL sends device
+            # tensors only).
+            if any(t.is_meta for t in [*base.parameters(), *base.buffers()]):
+                base.to_empty(device=shard_device)
+            _buffers_to(base, accelerator.device)
         load_from_rank0(base, source, device=shard_device)
         del source
-        if offload:
-            _buffers_to(base, accelerator.device)
         # Blocks reshard after each forward; the root unit (embeddings, output head) stays
         # gathered as accelerate sets it: a GAN loss backpropagates through the frozen
         # teacher's blocks and root without ever reaching the root's output, so the root would
