@@ -56,6 +56,10 @@ def _rank_entry(argv: list[str]) -> None:
     thread.start()
     resume = loop.resume
 
+    def local_bytes(tensors) -> int:
+        local = [getattr(t, "to_local", lambda t=t: t)() for t in tensors]
+        return sum(t.numel() * t.element_size() for t in local)
+
     def resume_then_mark(run, trainer, num_samples, **kwargs):
         progress = resume(run, trainer, num_samples, **kwargs)
         peaks["setup"] = max(peaks["setup"], proc.memory_info().rss)
@@ -67,6 +71,10 @@ def _rank_entry(argv: list[str]) -> None:
         }
         local = [getattr(p, "to_local", lambda p=p: p)() for p in trained.values()]
         peaks["trained_bytes"] = sum(t.numel() * t.element_size() for t in local)
+        # Every weight this rank holds: trained and frozen (a LoRA layout's bases, the teacher).
+        nets = (trainer.prepared.student, trainer.prepared.fake_score, trainer.prepared.teacher)
+        held = {id(p): p for net in nets for p in getattr(net, "module", net).parameters()}
+        peaks["held_bytes"] = local_bytes(held.values())
         return progress
 
     load_teacher = loop.load_teacher
@@ -75,10 +83,6 @@ def _rank_entry(argv: list[str]) -> None:
         # The process with its libraries, accelerate and the process group, before any weights.
         peaks["baseline"] = proc.memory_info().rss
         return load_teacher(run)
-
-    def local_bytes(tensors) -> int:
-        local = [getattr(t, "to_local", lambda t=t: t)() for t in tensors]
-        return sum(t.numel() * t.element_size() for t in local)
 
     save_checkpoint = loop.save_checkpoint
 
@@ -232,20 +236,19 @@ def main() -> None:
             for nproc in (1, 2):
                 run = "1 process" if nproc == 1 else "FSDP2 x2"
                 result = _run(root, root / "model", f"{name}-{nproc}", layout, nproc, args.steps)
-                trained = sum(r["trained_bytes"] for r in result["ranks"])
                 state = sum(r["state_bytes"] for r in result["ranks"]) + result["ema"]
                 for rank, peaks in enumerate(result["ranks"]):
                     base = peaks["baseline"]
                     if nproc == 1:
                         single = peaks
-                        # one process: the teacher and the trained copies
-                        setup_goal = base + model_bytes + trained
+                        # one process: every network's weights
+                        setup_goal = base + peaks["held_bytes"]
                         steps_goal = peaks["steps"]
                     else:
-                        # rank 0 reads the teacher onto the host once; every rank holds 1/N
-                        # of the frozen and the trained weights
+                        # rank 0 reads the teacher onto the host once; every rank holds its
+                        # shards (1/N) of the frozen and the trained weights
                         host = model_bytes if rank == 0 else 0
-                        setup_goal = base + host + (model_bytes + trained) / nproc
+                        setup_goal = base + host + peaks["held_bytes"]
                         assert single is not None
                         steps_goal = base + (single["steps"] - single["baseline"]) / nproc
                     cells = ""
@@ -261,9 +264,10 @@ def main() -> None:
                     )
         print(
             "\nlibs: RSS before the teacher loads. setup: until the networks are prepared; goal: "
-            "libs + the\nteacher on rank 0's host + 1/N of the frozen and trained weights. steps: "
-            "the training\niterations; goal: libs + 1/N of what one process adds. saving: "
-            "checkpoint writes and the\nfinal export. trained: trained weights on this rank. "
+            "libs + the\nteacher on rank 0's host + this rank's share (1/N) of every network's "
+            "weights. steps: the training\niterations; goal: libs + 1/N of what one process adds. "
+            "saving: checkpoint writes and the\nfinal export. trained: trained weights on this "
+            "rank. "
             f"ckpt state: checkpoint-{args.steps}/state (all\nranks; the loadable student beside "
             "it not counted); / state: over the trained weights,\nthe optimizers' state and the "
             "EMA held at the save."
