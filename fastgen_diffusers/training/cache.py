@@ -280,7 +280,7 @@ class EmbeddingCache:
             with atomic_directory(self.path, overwrite=False) as tmp:
                 part = write(tmp, process_index=0, num_processes=1)
                 negative = self._write_negative(tmp, encode_prompts, negative_prompt, part)
-                self._write_index(tmp, [part], negative, inputs)
+                self._write_index(tmp, part, negative, inputs)
                 if self.path.is_dir() and not self.exists():
                     # Not written by `build` (which renames only whole caches): stale.
                     remove_directory(self.path)
@@ -339,7 +339,7 @@ class EmbeddingCache:
                 "latents": _one_spec([part["latents"] for _, part in parts], "encode_media"),
             }
             negative = self._write_negative(tmp, encode_prompts, negative_prompt, whole)
-            self._write_index(tmp, [whole], negative, inputs)
+            self._write_index(tmp, whole, negative, inputs)
             if self.path.is_dir() and not self.exists():
                 remove_directory(self.path)
         remove_directory(parts_dir)
@@ -459,11 +459,11 @@ class EmbeddingCache:
     def _write_index(
         self,
         out: Path,
-        parts: Sequence[Mapping[str, Any]],
+        part: Mapping[str, Any],
         negative: bool,
         inputs: Mapping[str, Any] | None,
     ) -> None:
-        (part,) = parts
+        """``index.json`` for the whole cache: ``part`` covers every sample."""
         index = {
             "format": CACHE_FORMAT_VERSION,
             "fingerprint": self.fingerprint,
