@@ -1,7 +1,8 @@
 """FSDP2 on 2 CPU ranks (gloo), through accelerate's FSDP2 path forced on by
 ``tests/fsdp2_harness.py``: every network sharded in every layout; a 2-rank run over a global
 batch equals the one-process run over the same batch (losses, exported weights, validation
-grids); checkpoint at step k + resume equals the straight run, with a per-rank EMA."""
+grids); checkpoint at step k + resume equals the straight run, with a per-rank EMA; offloaded
+parameters and blocks compiled before sharding train as the plain run does."""
 
 from __future__ import annotations
 
