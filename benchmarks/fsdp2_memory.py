@@ -9,7 +9,7 @@ and resumed) and the peak during the training steps; the checkpoint folder is me
 last step. Not a test: prints a table.
 
     python benchmarks/fsdp2_memory.py  # ~230M parameters
-    python benchmarks/fsdp2_memory.py --layers 2 --steps 2  # ~66M parameters, ~6 min
+    python benchmarks/fsdp2_memory.py --layers 2 --steps 2  # ~66M parameters
 
 On accelerators the same split holds for device memory: under FSDP2 every network is built on
 the meta device and nothing full-sized is ever allocated there.
@@ -42,7 +42,7 @@ def _rank_entry(argv: list[str]) -> None:
     from fastgen_diffusers.training import parse_args, train
 
     proc = psutil.Process()
-    peaks = {"setup": 0, "steady": 0}
+    peaks = {"setup": 0, "steps": 0, "save": 0}
     phase = ["setup"]
     done = threading.Event()
 
@@ -56,10 +56,14 @@ def _rank_entry(argv: list[str]) -> None:
     thread.start()
     resume = loop.resume
 
-    def resume_then_mark(run, trainer, num_samples):
-        progress = resume(run, trainer, num_samples)
+    def local_bytes(tensors) -> int:
+        local = [getattr(t, "to_local", lambda t=t: t)() for t in tensors]
+        return sum(t.numel() * t.element_size() for t in local)
+
+    def resume_then_mark(run, trainer, num_samples, **kwargs):
+        progress = resume(run, trainer, num_samples, **kwargs)
         peaks["setup"] = max(peaks["setup"], proc.memory_info().rss)
-        phase[0] = "steady"
+        phase[0] = "steps"
         trained = {
             id(p): p
             for net in (trainer.prepared.student, trainer.prepared.fake_score)
@@ -67,9 +71,54 @@ def _rank_entry(argv: list[str]) -> None:
         }
         local = [getattr(p, "to_local", lambda p=p: p)() for p in trained.values()]
         peaks["trained_bytes"] = sum(t.numel() * t.element_size() for t in local)
+        # Every weight this rank holds: trained and frozen (a LoRA layout's bases, the teacher).
+        nets = (trainer.prepared.student, trainer.prepared.fake_score, trainer.prepared.teacher)
+        held = {id(p): p for net in nets for p in getattr(net, "module", net).parameters()}
+        peaks["held_bytes"] = local_bytes(held.values())
         return progress
 
+    load_teacher = loop.load_teacher
+
+    def load_teacher_after_baseline(run):
+        # The process with its libraries, accelerate and the process group, before any weights.
+        peaks["baseline"] = proc.memory_info().rss
+        return load_teacher(run)
+
+    save_checkpoint = loop.save_checkpoint
+
+    def save_checkpoint_marked(run, trainer, *args, **kwargs):
+        # What the checkpoint holds: trained weights and the optimizers' state (no EMA in
+        # this recipe), this rank's shards.
+        params = {
+            id(p): p
+            for opt in trainer.prepared.optimizers.values()
+            for g in opt.param_groups
+            for p in g["params"]
+        }
+        states = [
+            t
+            for opt in trainer.prepared.optimizers.values()
+            for st in opt.state.values()
+            for t in st.values()
+            if isinstance(t, torch.Tensor) and t.dim() > 0
+        ]
+        peaks["state_bytes"] = local_bytes(params.values()) + local_bytes(states)
+        phase[0] = "save"
+        try:
+            return save_checkpoint(run, trainer, *args, **kwargs)
+        finally:
+            phase[0] = "steps"
+
+    finish = loop.finish
+
+    def finish_marked(*args, **kwargs):
+        phase[0] = "save"  # the export of the student
+        return finish(*args, **kwargs)
+
+    loop.save_checkpoint = save_checkpoint_marked
+    loop.finish = finish_marked
     loop.resume = resume_then_mark
+    loop.load_teacher = load_teacher_after_baseline
     torch.set_num_threads(1)
     if os.environ.get("FSDP2_MEMORY_FSDP") == "1":
         from fsdp2_harness import CPUFSDP2Accelerator
@@ -135,9 +184,30 @@ def _run(root: Path, model: Path, name: str, layout: list[str], nproc: int, step
     if result.returncode != 0:
         raise RuntimeError(result.stdout[-2000:] + result.stderr[-4000:])
     ranks = [json.loads((stats / f"rank{r}.json").read_text()) for r in range(nproc)]
-    checkpoint = out / "checkpoint-1"
-    ckpt = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
-    return {"ranks": ranks, "checkpoint": ckpt}
+    from safetensors import safe_open
+
+    checkpoint = out / f"checkpoint-{steps}"
+    state = checkpoint / "state"
+    ckpt = sum(f.stat().st_size for f in state.rglob("*") if f.is_file())
+    ema = 0  # the EMA's payload, if the recipe keeps one
+    for f in state.glob("*.safetensors"):
+        with safe_open(f, framework="pt") as st:
+            for key in st.keys():
+                if key.startswith("ema/"):
+                    t = st.get_slice(key)
+                    ema += _numel(t.get_shape()) * _itemsize(t.get_dtype())
+    return {"ranks": ranks, "checkpoint": ckpt, "ema": ema}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "F64": 8}.get(dtype, 4)
 
 
 def main() -> None:
@@ -157,22 +227,51 @@ def main() -> None:
         print(f"SD3 transformer: {params / 1e6:.0f}M parameters, {model_bytes / MiB:.0f} MiB fp32")
         print(f"{args.steps} steps, global batch 2, 64x64, fp32 (--mixed_precision no)\n")
         header = (
-            f"{'layout':<13}{'run':<10}{'rank':>5}{'setup peak':>12}{'steady peak':>13}"
-            f"{'trained/rank':>14}{'checkpoint':>12}"
+            f"{'layout':<13}{'run':<10}{'rank':>5}{'libs':>7}{'setup':>8}{'goal':>7}"
+            f"{'steps':>8}{'goal':>7}{'saving':>8}{'trained':>9}{'ckpt state':>12}{'/ state':>9}"
         )
-        print(header + "\n" + "-" * len(header) + "   (MiB; RSS of the process)")
+        print(header + "\n" + "-" * len(header) + "   (MiB; peak RSS of the process)")
         for name, layout in layouts.items():
+            single = None
             for nproc in (1, 2):
                 run = "1 process" if nproc == 1 else "FSDP2 x2"
                 result = _run(root, root / "model", f"{name}-{nproc}", layout, nproc, args.steps)
+                state = sum(r["state_bytes"] for r in result["ranks"]) + result["ema"]
                 for rank, peaks in enumerate(result["ranks"]):
-                    ckpt = f"{result['checkpoint'] / MiB:>12.0f}" if rank == 0 else ""
+                    base = peaks["baseline"]
+                    if nproc == 1:
+                        single = peaks
+                        # one process: every network's weights
+                        setup_goal = base + peaks["held_bytes"]
+                        steps_goal = peaks["steps"]
+                    else:
+                        # rank 0 reads the teacher onto the host once; every rank holds its
+                        # shards (1/N) of the frozen and the trained weights
+                        host = model_bytes if rank == 0 else 0
+                        setup_goal = base + host + peaks["held_bytes"]
+                        assert single is not None
+                        steps_goal = base + (single["steps"] - single["baseline"]) / nproc
+                    cells = ""
+                    if rank == 0:
+                        cells = f"{result['checkpoint'] / MiB:>12.0f}"
+                        cells += f"{result['checkpoint'] / state:>8.2f}x"
                     print(
-                        f"{name:<13}{run:<10}{rank:>5}{peaks['setup'] / MiB:>12.0f}"
-                        f"{peaks['steady'] / MiB:>13.0f}{peaks['trained_bytes'] / MiB:>14.0f}"
-                        + ckpt,
+                        f"{name:<13}{run:<10}{rank:>5}{base / MiB:>7.0f}"
+                        f"{peaks['setup'] / MiB:>8.0f}{setup_goal / MiB:>7.0f}"
+                        f"{peaks['steps'] / MiB:>8.0f}{steps_goal / MiB:>7.0f}"
+                        f"{peaks['save'] / MiB:>8.0f}{peaks['trained_bytes'] / MiB:>9.0f}" + cells,
                         flush=True,
                     )
+        print(
+            "\nlibs: RSS before the teacher loads. setup: until the networks are prepared; goal: "
+            "libs + the\nteacher on rank 0's host + this rank's share (1/N) of every network's "
+            "weights. steps: the training\niterations; goal: libs + 1/N of what one process adds. "
+            "saving: checkpoint writes and the\nfinal export. trained: trained weights on this "
+            "rank. "
+            f"ckpt state: checkpoint-{args.steps}/state (all\nranks; the loadable student beside "
+            "it not counted); / state: over the trained weights,\nthe optimizers' state and the "
+            "EMA held at the save."
+        )
 
 
 if __name__ == "__main__":

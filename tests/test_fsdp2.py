@@ -1,7 +1,8 @@
 """FSDP2 on 2 CPU ranks (gloo), through accelerate's FSDP2 path forced on by
 ``tests/fsdp2_harness.py``: every network sharded in every layout; a 2-rank run over a global
 batch equals the one-process run over the same batch (losses, exported weights, validation
-grids); checkpoint at step k + resume equals the straight run, with a per-rank EMA."""
+grids); checkpoint at step k + resume equals the straight run, with a per-rank EMA; offloaded
+parameters and blocks compiled before sharding train as the plain run does."""
 
 from __future__ import annotations
 
@@ -47,12 +48,13 @@ def torchrun(
     timeout: int = 600,
     config: Path | None = None,
     expect_success: bool = True,
+    env: dict[str, str] | None = None,
 ) -> str:
     """Run ``script`` on ``nproc`` ranks (under the accelerate ``config``: the README's by
     default); its output."""
     # The tree under test first: an installed fastgen_diffusers elsewhere must not shadow it.
     pythonpath = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
+    env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     if config is not None:
         env["FSDP_TEST_CONFIG"] = str(config)
     cmd = [
@@ -298,7 +300,7 @@ PREPARE_CHECK = textwrap.dedent(
     """
     import sys
     import torch
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
     from torch.distributed.tensor import DTensor
     from fsdp2_harness import CPUFSDP2Accelerator
     from fastgen_diffusers.lora import LoraSettings, build_dmd_networks
@@ -377,6 +379,35 @@ PREPARE_CHECK = textwrap.dedent(
         assert model.gradient_checkpointing is checkpointing, name
         if checkpointing:
             assert model._gradient_checkpointing_func._fastgen_adapter_aware, name
+    # fsdp_offload_params: every unit of every network keeps its shards on the host under
+    # the offload policy (page-locking needs an accelerator: off on this CPU machine).
+    offload = sys.argv[4] == "offload"
+    for name in ("student", "fake_score", "teacher", "discriminator"):
+        net = prepared.discriminator if name == "discriminator" else getattr(nets, name)
+        units = [m for m in getattr(net, "module", net).modules() if isinstance(m, FSDPModule)]
+        assert units, name
+        for unit in units:
+            group = unit._get_fsdp_state()._fsdp_param_group
+            if group is None:  # a unit that holds no parameters of its own
+                continue
+            policy = group.offload_policy
+            assert isinstance(policy, CPUOffloadPolicy) is offload, (name, policy)
+            if offload:
+                assert policy.pin_memory is False, name
+        for p in net.parameters():
+            assert p.to_local().device.type == "cpu", name
+    # A dynamo backend in the accelerate config: each transformer block compiled on its own
+    # before sharding (FSDP's hooks outside the graphs), the model itself left uncompiled.
+    compiled = sys.argv[5] == "compiled"
+    for name in ("student", "fake_score", "teacher"):
+        net = getattr(nets, name)
+        model = getattr(net, "module", net)
+        assert not isinstance(model, torch._dynamo.eval_frame.OptimizedModule), name
+        blocks = list(model.transformer.transformer_blocks if hasattr(model.transformer,
+                      "transformer_blocks") else model.transformer.blocks)
+        for b in blocks:
+            assert isinstance(b, FSDPModule), name
+            assert (getattr(b, "_compiled_call_impl", None) is not None) is compiled, name
     print("OK", layout, local)
     """
 )
@@ -387,9 +418,9 @@ PREPARE_CHECK = textwrap.dedent(
     [
         ("sd3", "full", {}),
         ("sd3", "student_lora", {"fsdp_activation_checkpointing": True}),
-        ("sd3", "separate_lora", {}),
+        ("sd3", "separate_lora", {"fsdp_offload_params": True}),
         ("sd3", "shared_lora", {"fsdp_activation_checkpointing": True}),
-        ("wan", "shared_lora", {}),
+        ("wan", "shared_lora", {"top__dynamo_config": {"dynamo_backend": "AOT_EAGER"}}),
     ],
 )
 def test_every_network_is_sharded(setup, tmp_path, family, layout, config):
@@ -399,8 +430,66 @@ def test_every_network_is_sharded(setup, tmp_path, family, layout, config):
     script = tmp_path / "check.py"
     script.write_text(PREPARE_CHECK)
     checkpointing = "checkpointing" if config.get("fsdp_activation_checkpointing") else "none"
+    offload = "offload" if config.get("fsdp_offload_params") else "none"
+    compiled = "compiled" if "top__dynamo_config" in config else "none"
     accelerate = accelerate_config(tmp_path / "accelerate.yaml", **config)
-    torchrun(script, layout, str(model), checkpointing, config=accelerate)
+    torchrun(script, layout, str(model), checkpointing, offload, compiled, config=accelerate)
+
+
+@pytest.fixture(scope="module")
+def plain_run(setup) -> Path:
+    """A 2-rank fp32 run under the README's config, checkpointed at step 2."""
+    root, model = setup
+    plain = root / "plain"
+    torchrun(
+        HARNESS, *argv(root, model, plain, GLOBAL_BATCH // 2, *FP32, "--checkpointing_steps", "2")
+    )
+    return plain
+
+
+def test_offloaded_parameters_train_and_resume_as_without(setup, plain_run, tmp_path):
+    """fsdp_offload_params: true (shards, gradients and optimizer states on the host): the run,
+    its checkpoint and a resume from it equal the run without offloading. On this CPU machine
+    the copies to the compute device are no-ops, so both compute the same sums: equal within
+    the fp32 bounds above (measured: bitwise)."""
+    root, model = setup
+    offload = accelerate_config(tmp_path / "offload.yaml", fsdp_offload_params=True)
+    plain, offloaded, resumed = plain_run, root / "offloaded", root / "offloaded-resumed"
+    extra = [*FP32, "--checkpointing_steps", "2"]
+    torchrun(HARNESS, *argv(root, model, offloaded, GLOBAL_BATCH // 2, *extra), config=offload)
+    assert_same_losses(plain, offloaded, LOSS_RTOL)
+    assert_same_weights(plain, offloaded, WEIGHT_ATOL)
+    shutil.copytree(offloaded / "checkpoint-2", resumed / "checkpoint-2")
+    resume = [*extra, "--resume_from_checkpoint", "latest"]
+    torchrun(HARNESS, *argv(root, model, resumed, GLOBAL_BATCH // 2, *resume), config=offload)
+    assert logged_steps(resumed) == [3, 4]
+    la, lr = losses(offloaded), losses(resumed)
+    for step in (3, 4):
+        for key in la[step]:
+            np.testing.assert_allclose(lr[step][key], la[step][key], rtol=LOSS_RTOL, atol=1e-7)
+    assert_same_weights(plain, resumed, WEIGHT_ATOL)
+
+
+def test_compiled_blocks_train_under_fsdp2(setup, plain_run, tmp_path):
+    """A dynamo backend in the accelerate config compiles each transformer block before
+    sharding; the run traces graphs, trains and equals the uncompiled run (aot_eager: the same
+    kernels, so the fp32 bounds above hold; measured bitwise; inductor, as ``--compile_blocks``
+    uses, takes minutes to compile on CPU)."""
+    root, model = setup
+    config = accelerate_config(
+        tmp_path / "dynamo.yaml", top__dynamo_config={"dynamo_backend": "AOT_EAGER"}
+    )
+    compiled = root / "compiled"
+    extra = [*FP32, "--checkpointing_steps", "2"]
+    output = torchrun(
+        HARNESS,
+        *argv(root, model, compiled, GLOBAL_BATCH // 2, *extra),
+        config=config,
+        env={"TORCH_LOGS": "graph_code"},  # prints each graph dynamo traces
+    )
+    assert "__compiled_fn" in output, output[-3000:]
+    assert_same_losses(plain_run, compiled, LOSS_RTOL)
+    assert_same_weights(plain_run, compiled, WEIGHT_ATOL)  # and no _orig_mod. in the names
 
 
 # Divisible by 1, 2 and 3 ranks.

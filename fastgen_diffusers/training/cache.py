@@ -36,6 +36,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -53,7 +54,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..compat import dataset_fingerprint
-from ..io import atomic_directory, remove_directory
+from ..io import TMP_PREFIX, atomic_directory, remove_directory, write_json_atomic
 from .data import (
     IMAGE_COLUMN,
     PROMPT_COLUMN,
@@ -243,48 +244,123 @@ class EmbeddingCache:
         batch_size: int = 8,
         samples_per_shard: int = 1024,
         inputs: Mapping[str, Any] | None = None,
+        process_index: int = 0,
+        num_processes: int = 1,
     ) -> CachedDataset:
-        """Run the encoders over ``dataset`` and write the cache; returns it loaded."""
+        """Run the encoders over ``dataset`` and write the cache; returns it loaded.
+
+        With ``num_processes > 1`` (every rank calls it; ``torch.distributed`` initialised),
+        rank ``process_index`` encodes only its contiguous share of the batches and writes it
+        to a part folder; the main rank assembles the parts into the cache (files moved, not
+        copied). ``cache_dir`` must then be on a file system every rank sees."""
         if batch_size < 1 or samples_per_shard < 1:
             raise ValueError(
                 f"batch_size and samples_per_shard must be >= 1, got {batch_size} and "
                 f"{samples_per_shard}"
             )
-        self.root.mkdir(parents=True, exist_ok=True)
-        # Renamed into place only when whole; another process finishing the same cache first
-        # wins (its content is the same).
-        with atomic_directory(self.path, overwrite=False) as tmp:
-            self._write(
-                tmp,
-                dataset,
-                encode_prompts=encode_prompts,
-                encode_media=encode_media if settings.needs_media else None,
-                negative_prompt=settings.negative_prompt,
-                batch_size=batch_size,
-                resolution=settings.resolution,
-                num_frames=settings.num_frames,
-                samples_per_shard=samples_per_shard,
-                inputs=inputs,
+        if not 0 <= process_index < num_processes:
+            raise ValueError(
+                f"process_index must be in [0, num_processes={num_processes}), got {process_index}"
             )
-            if self.path.is_dir() and not self.exists():
-                # Not written by `build` (which renames only whole caches): stale, replace it.
-                remove_directory(self.path)
+        self.root.mkdir(parents=True, exist_ok=True)
+        write = functools.partial(
+            self._write_part,
+            dataset=dataset,
+            encode_prompts=encode_prompts,
+            encode_media=encode_media if settings.needs_media else None,
+            batch_size=batch_size,
+            resolution=settings.resolution,
+            num_frames=settings.num_frames,
+            samples_per_shard=samples_per_shard,
+        )
+        negative_prompt = settings.negative_prompt
+        if num_processes == 1:
+            # Renamed into place only when whole; another process finishing the same cache
+            # first wins (its content is the same).
+            with atomic_directory(self.path, overwrite=False) as tmp:
+                part = write(tmp, process_index=0, num_processes=1)
+                negative = self._write_negative(tmp, encode_prompts, negative_prompt, part)
+                self._write_index(tmp, part, negative, inputs)
+                if self.path.is_dir() and not self.exists():
+                    # Not written by `build` (which renames only whole caches): stale.
+                    remove_directory(self.path)
+            return self.load()
+        parts_dir = self.root / f"{TMP_PREFIX}parts-{self.fingerprint}"
+
+        def write_mine() -> None:
+            parts_dir.mkdir(exist_ok=True)
+            with atomic_directory(parts_dir / _part_name(process_index)) as tmp:
+                part = write(tmp, process_index=process_index, num_processes=num_processes)
+                write_json_atomic(tmp / PART_FILE, part)
+
+        def discard() -> None:  # a failed build leaves no parts behind
+            if process_index == 0:
+                remove_directory(parts_dir)
+
+        _collectively("encoding its share of the embedding cache", write_mine, discard)
+
+        def assemble() -> None:
+            if process_index == 0:
+                self._assemble(parts_dir, num_processes, encode_prompts, negative_prompt, inputs)
+
+        _collectively("assembling the embedding cache", assemble, discard)
         return self.load()
 
-    def _write(
+    def _assemble(
+        self,
+        parts_dir: Path,
+        num_processes: int,
+        encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
+        negative_prompt: str | None,
+        inputs: Mapping[str, Any] | None,
+    ) -> None:
+        """The ranks' parts (read in rank order) moved into one cache folder, then removed."""
+        parts = []
+        for rank in range(num_processes):
+            folder = parts_dir / _part_name(rank)
+            if not (folder / PART_FILE).is_file():
+                raise FileNotFoundError(
+                    f"rank {rank}'s share of the embedding cache is not in {folder}: every rank "
+                    "must see the same cache folder (a shared file system); set "
+                    "--embedding_cache_dir to such a folder"
+                )
+            parts.append((folder, json.loads((folder / PART_FILE).read_text(encoding="utf-8"))))
+        with atomic_directory(self.path, overwrite=False) as tmp:
+            merged: list[dict[str, Any]] = []
+            for folder, part in parts:
+                for shard in part["shards"]:
+                    name = f"shard-{len(merged):05d}.safetensors"
+                    os.replace(folder / shard["file"], tmp / name)
+                    merged.append({**shard, "file": name})
+            whole = {
+                "shards": merged,
+                "prompts": [p for _, part in parts for p in part["prompts"]],
+                "cond": _one_spec([part["cond"] for _, part in parts], "encode_prompts"),
+                "latents": _one_spec([part["latents"] for _, part in parts], "encode_media"),
+            }
+            negative = self._write_negative(tmp, encode_prompts, negative_prompt, whole)
+            self._write_index(tmp, whole, negative, inputs)
+            if self.path.is_dir() and not self.exists():
+                remove_directory(self.path)
+        remove_directory(parts_dir)
+
+    def _write_part(
         self,
         out: Path,
-        dataset: datasets.Dataset,
         *,
+        dataset: datasets.Dataset,
         encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
         encode_media: Callable[[torch.Tensor], torch.Tensor] | None,
-        negative_prompt: str | None,
         batch_size: int,
         resolution: tuple[int, int] | None,
         num_frames: int | None,
         samples_per_shard: int,
-        inputs: Mapping[str, Any] | None,
-    ) -> None:
+        process_index: int,
+        num_processes: int,
+    ) -> dict[str, Any]:
+        """Encode this rank's share into shard files in ``out``: a contiguous run of whole
+        batches (the same batches one process encodes, so the same values). Returns the
+        shards (global sample ranges), prompts and per-sample specs."""
         media = _media_column(dataset) if encode_media is not None else None
         # Read only what is encoded: media not turned into latents are never decoded.
         rows = dataset.select_columns([PROMPT_COLUMN] + ([media] if media else []))
@@ -295,11 +371,15 @@ class EmbeddingCache:
             feature = datasets.Image if media == IMAGE_COLUMN else datasets.Video
             rows = rows.cast_column(media, feature(decode=False))
 
+        n = len(rows)
+        num_batches = -(-n // batch_size)
+        first = num_batches * process_index // num_processes * batch_size
+        end = min(n, num_batches * (process_index + 1) // num_processes * batch_size)
         cond_spec, latent_spec = _Spec(), _Spec()
         prompts: list[str] = []
         shards: list[dict[str, Any]] = []
         pending: dict[str, list[torch.Tensor]] = {}
-        pending_start = 0
+        pending_start = first
 
         def flush(stop: int) -> None:
             nonlocal pending, pending_start
@@ -310,10 +390,10 @@ class EmbeddingCache:
             shards.append({"file": name, "start": pending_start, "stop": stop})
             pending, pending_start = {}, stop
 
-        n = len(rows)
-        logger.info("Encoding %d samples into %s", n, self.path)
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
+        share = "" if num_processes == 1 else f" (rows {first}..{end - 1} of {n})"
+        logger.info("Encoding %d samples into %s%s", end - first, self.path, share)
+        for start in range(first, end, batch_size):
+            stop = min(end, start + batch_size)
             batch = rows[start:stop]
             texts = list(batch[PROMPT_COLUMN])
             for i, text in enumerate(texts):
@@ -346,28 +426,102 @@ class EmbeddingCache:
             prompts.extend(texts)
             if stop - pending_start >= samples_per_shard:
                 flush(stop)
-        flush(n)
+        flush(end)
+        return {
+            "shards": shards,
+            "prompts": prompts,
+            "cond": cond_spec.to_json(),
+            "latents": latent_spec.to_json().get("latents"),
+        }
 
-        has_negative = negative_prompt is not None
-        if has_negative:
-            with torch.no_grad():
-                negative = encode_prompts([negative_prompt])
-            negative = {k: _to_cpu(v, k, 1, "encode_prompts") for k, v in negative.items()}
-            cond_spec.check(negative, "encode_prompts", "the negative prompt")
-            save_file(negative, str(out / NEGATIVE_FILE))
+    def _write_negative(
+        self,
+        out: Path,
+        encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
+        negative_prompt: str | None,
+        part: Mapping[str, Any],
+    ) -> bool:
+        """Encode the negative prompt (if any) into ``out``; whether there is one."""
+        if negative_prompt is None:
+            return False
+        with torch.no_grad():
+            negative = encode_prompts([negative_prompt])
+        negative = {k: _to_cpu(v, k, 1, "encode_prompts") for k, v in negative.items()}
+        spec = _Spec()
+        spec.entries = {
+            k: (tuple(v["shape"]), getattr(torch, v["dtype"].removeprefix("torch.")))
+            for k, v in part["cond"].items()
+        }
+        spec.check(negative, "encode_prompts", "the negative prompt")
+        save_file(negative, str(out / NEGATIVE_FILE))
+        return True
 
+    def _write_index(
+        self,
+        out: Path,
+        part: Mapping[str, Any],
+        negative: bool,
+        inputs: Mapping[str, Any] | None,
+    ) -> None:
+        """``index.json`` for the whole cache: ``part`` covers every sample."""
         index = {
             "format": CACHE_FORMAT_VERSION,
             "fingerprint": self.fingerprint,
-            "num_samples": n,
-            "shards": shards,
-            "cond": cond_spec.to_json(),
-            "latents": latent_spec.to_json().get("latents"),
-            "negative": has_negative,
+            "num_samples": len(part["prompts"]),
+            "shards": part["shards"],
+            "cond": part["cond"],
+            "latents": part["latents"],
+            "negative": negative,
             "inputs": dict(inputs or {}),
-            "prompts": prompts,
+            "prompts": part["prompts"],
         }
         (out / INDEX_FILE).write_text(json.dumps(index, ensure_ascii=False), encoding="utf-8")
+
+
+PART_FILE = "part.json"
+
+
+def _part_name(rank: int) -> str:
+    return f"rank-{rank:05d}"
+
+
+def _one_spec(specs: Sequence[Any], what: str) -> Any:
+    """The per-sample spec all ranks' parts agree on (a rank with no rows has none)."""
+    given = [s for s in specs if s]
+    for spec in given[1:]:
+        if spec != given[0]:
+            raise ValueError(
+                f"{what} returned {spec} on one rank but {given[0]} on another: cached samples "
+                "must share a shape and dtype (pad prompts to a fixed max_sequence_length)"
+            )
+    return given[0] if given else None
+
+
+def _collectively(what: str, step: Callable[[], None], on_failure: Callable[[], None]) -> None:
+    """Run ``step`` on every rank; if it fails anywhere, ``on_failure`` runs and every rank
+    raises (the failing rank its own error, the others one naming it) instead of waiting for
+    it forever."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "build_cache with num_processes > 1 needs torch.distributed initialised (accelerate "
+            "does this); got none"
+        )
+    error: Exception | None = None
+    try:
+        step()
+    except Exception as err:  # re-raised below, after telling the others
+        error = err
+    failures: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, None if error is None else f"{type(error).__name__}: {error}")
+    if any(failure is not None for failure in failures):
+        on_failure()
+    if error is not None:
+        raise error
+    for rank, failure in enumerate(failures):
+        if failure is not None:
+            raise RuntimeError(f"rank {rank} failed while {what}: {failure}")
 
 
 class CachedDataset(torch.utils.data.Dataset):
@@ -483,6 +637,8 @@ def build_cache(
     encode_media: Callable[[torch.Tensor], torch.Tensor] | None = None,
     batch_size: int = 8,
     samples_per_shard: int = 1024,
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> CachedDataset:
     """Encode every sample of ``dataset`` once and cache the results on disk.
 
@@ -497,9 +653,19 @@ def build_cache(
     :attr:`CachedDataset.negative`.
 
     The cache lives in ``cache_dir/<fingerprint>/`` (:func:`cache_fingerprint` of ``dataset``
-    and ``settings``). When it is already there the encoders are not called. Under several
-    processes, let one build it first (``accelerator.main_process_first()``); concurrent builds
-    are safe but repeat the work.
+    and ``settings``). When it is already there the encoders are not called.
+
+    Under several processes, every rank calls it with its ``process_index`` and
+    ``num_processes`` (collective: ``torch.distributed`` initialised): each rank encodes one
+    contiguous share of the batches (the batches one process would encode, so the cache holds
+    the same values), the main rank assembles the shares, and every rank returns the whole
+    cache. ``cache_dir`` must be a folder every rank sees.
+
+    Example (with accelerate)::
+
+        cached = build_cache(dataset, settings, cache_dir="cache", encode_prompts=encode,
+                             process_index=accelerator.process_index,
+                             num_processes=accelerator.num_processes)
     """
     if not isinstance(settings, CacheSettings):
         raise TypeError(f"settings must be a CacheSettings, got {type(settings).__name__}")
@@ -523,7 +689,11 @@ def build_cache(
         )
     inputs = _fingerprint_inputs(dataset, settings)
     cache = EmbeddingCache(cache_dir, _hash(inputs))
-    if cache.exists():
+    exists = cache.exists()
+    if num_processes > 1:
+        # One decision for all ranks, taken before any of them writes.
+        exists = _all_ranks(exists)
+    if exists:
         logger.info("Reusing the embedding cache %s", cache.path)
         return cache.load()
     return cache.build(
@@ -534,4 +704,20 @@ def build_cache(
         batch_size=batch_size,
         samples_per_shard=samples_per_shard,
         inputs=inputs,
+        process_index=process_index,
+        num_processes=num_processes,
     )
+
+
+def _all_ranks(value: bool) -> bool:
+    """True when ``value`` is true on every rank (collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "build_cache with num_processes > 1 needs torch.distributed initialised (accelerate "
+            "does this); got none"
+        )
+    values: list[bool | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return all(values)

@@ -18,6 +18,11 @@ frozen teacher is replicated. With an accelerate FSDP2 config (``fsdp_version: 2
   (:func:`load_pipeline`) and receive their shards by broadcast right after sharding
   (:func:`~fastgen_diffusers.factory.load_from_rank0`, buffers included), so the host holds
   one full copy, not one per rank. The discriminator and LoRA weights come from rank 0 too.
+- ``fsdp_offload_params: true``: the shards are materialised on the host (FSDP2 keeps them,
+  their gradients and hence the optimizer states there and copies each unit to the accelerator
+  for its compute); buffers, which FSDP does not manage, go to the accelerator;
+- activation checkpointing and compilation (a dynamo backend, or ``--compile_blocks``) are
+  applied per block before sharding.
 
 Example::
 
@@ -247,7 +252,8 @@ fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP (each transformer block its own un
 fsdp_transformer_layer_cls_to_wrap: optional (default: the model's _no_split_modules)
 fsdp_reshard_after_forward: true (fsdp_sharding_strategy: FULL_SHARD)
 fsdp_state_dict_type: SHARDED_STATE_DICT or FULL_STATE_DICT
-fsdp_offload_params: false
+fsdp_offload_params: true or false (true: parameter shards, their gradients and the
+  optimizer states live on the host; each block is copied to the accelerator for its compute)
 fsdp_activation_checkpointing: true or false (true: each transformer block checkpointed)
 fsdp_cpu_ram_efficient_loading, fsdp_sync_module_states: any value (set-up is always
   host-side on the main process, networks built on the meta device)
@@ -282,8 +288,6 @@ def check_accelerate_options(accelerator: Accelerator) -> None:
         refuse("distributed_type", accelerator.distributed_type, "MULTI_GPU (DDP) or FSDP")
     if accelerator.distributed_type != DistributedType.FSDP:
         return
-    from torch.distributed.fsdp import CPUOffloadPolicy
-
     plugin = accelerator.state.fsdp_plugin
     if plugin.fsdp_version != 2:
         refuse("fsdp_config.fsdp_version", plugin.fsdp_version, "2")
@@ -304,9 +308,6 @@ def check_accelerate_options(accelerator: Accelerator) -> None:
             state_dict_type,
             "SHARDED_STATE_DICT or FULL_STATE_DICT",
         )
-    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
-        # Not verified end to end (it needs accelerators): refused rather than half-working.
-        refuse("fsdp_config.fsdp_offload_params", "true", "false")
     if plugin.ignored_modules is not None:
         refuse("fsdp_config.fsdp_ignored_modules", plugin.ignored_modules, "none (all sharded)")
     if getattr(plugin, "activation_checkpointing_offload", False):
@@ -419,6 +420,10 @@ def _prepare_fsdp2(accelerator, nets, networks, make_optimizer, make_scheduler) 
     # (accelerate's own cpu_ram_efficient_loading assumes every state-dict entry is sharded,
     # which a persistent buffer such as SD3's positional table is not.)
     plugin.cpu_ram_efficient_loading = False
+    offload = _offload_policy(accelerator, plugin)
+    # Offloaded shards must be materialised on the host (FSDP2 copies each unit to the
+    # accelerator for its forward / backward); buffers are not FSDP's and stay on the device.
+    shard_device = torch.device("cpu") if offload else accelerator.device
     main = accelerator.is_main_process
     bases = {id(_base_of(m)): _base_of(m) for m in [nets.teacher, *networks.values()]}
     for base in bases.values():
@@ -427,7 +432,13 @@ def _prepare_fsdp2(accelerator, nets, networks, make_optimizer, make_scheduler) 
         _before_sharding(accelerator, plugin, base)
         with _wrapping(plugin, base), _precision(plugin, full_precision):
             fsdp2_prepare_model(accelerator, base)
-        load_from_rank0(base, source, device=accelerator.device)
+        if offload:
+            # Buffers on the device before load_from_rank0 broadcasts them (NCCL sends device
+            # tensors only).
+            if any(t.is_meta for t in [*base.parameters(), *base.buffers()]):
+                base.to_empty(device=shard_device)
+            _buffers_to(base, accelerator.device)
+        load_from_rank0(base, source, device=shard_device)
         del source
         # Blocks reshard after each forward; the root unit (embeddings, output head) stays
         # gathered as accelerate sets it: a GAN loss backpropagates through the frozen
@@ -464,6 +475,28 @@ def _prepare_fsdp2(accelerator, nets, networks, make_optimizer, make_scheduler) 
         fsdp2=True,
         sharded=list(bases.values()),
     )
+
+
+def _offload_policy(accelerator: Accelerator, plugin: Any) -> bool:
+    """Whether ``fsdp_offload_params`` is on. Without an accelerator the policy keeps its
+    shards in ordinary host memory: page-locking needs an accelerator (and only speeds up copies
+    to one)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    policy = plugin.cpu_offload
+    if not isinstance(policy, CPUOffloadPolicy):
+        return False
+    if policy.pin_memory and accelerator.device.type == "cpu":
+        plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
+    return True
+
+
+def _buffers_to(module: nn.Module, device: torch.device) -> None:
+    """Move ``module``'s buffers (not its parameters) to ``device``."""
+    for sub in module.modules():
+        for name, buffer in sub.named_buffers(recurse=False):
+            if buffer is not None and buffer.device != device:
+                setattr(sub, name, buffer.to(device))  # stays a (persistent) buffer
 
 
 # -- gathering ------------------------------------------------------------------------------------

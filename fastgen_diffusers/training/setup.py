@@ -259,17 +259,19 @@ def cache_data(run: Run, teacher: Teacher) -> TrainingData:
     cache_dir = (
         Path(args.embedding_cache_dir) if args.embedding_cache_dir else run.output_dir / "cache"
     )
-    with run.accelerator.main_process_first():
-        samples = build_cache(
-            dataset,
-            settings,
-            cache_dir=cache_dir,
-            encode_prompts=encode_prompts,
-            encode_media=encode_media if with_media else None,
-            batch_size=max(args.train_batch_size, 4),
-        )
-        prompts = args.validation_prompts or []
-        validation_cond = encode_prompts(prompts) if prompts else None
+    # Each rank encodes its share of the batches; every rank gets the whole cache.
+    samples = build_cache(
+        dataset,
+        settings,
+        cache_dir=cache_dir,
+        encode_prompts=encode_prompts,
+        encode_media=encode_media if with_media else None,
+        batch_size=max(args.train_batch_size, 4),
+        process_index=run.accelerator.process_index,
+        num_processes=run.accelerator.num_processes,
+    )
+    prompts = args.validation_prompts or []
+    validation_cond = encode_prompts(prompts) if prompts else None
     family.free_encoders(pipe)
     return TrainingData(samples, to_device(samples.negative, run.device), validation_cond)
 
