@@ -57,6 +57,7 @@ __all__ = [
     "pipeline_to",
     "prepare_networks",
     "take_host_transformer",
+    "teacher_transformers_with_weights",
     "unsharded_class",
 ]
 
@@ -115,6 +116,14 @@ def load_pipeline(accelerator: Accelerator, family: Any, path: str, **kwargs: An
 
 
 _HOST_ATTR = "_fastgen_host_transformer"
+
+
+def teacher_transformers_with_weights(pipe: Any) -> list[nn.Module]:
+    """The teacher's transformers that hold weights in this process: ``pipe.transformer``
+    without FSDP2; under FSDP2 the host copy on the main process (the meta-device transformer
+    holds none), and nothing on the other ranks."""
+    found = [pipe.transformer, pipe.__dict__.get(_HOST_ATTR)]
+    return [m for m in found if m is not None and not any(p.is_meta for p in m.parameters())]
 
 
 def take_host_transformer(pipe: Any) -> nn.Module | None:
