@@ -252,3 +252,94 @@ def test_exports_equal_sample_student_in_the_stock_pipeline(tmp_path, user_lora)
     add_q_only = state["transformer.transformer_blocks.0.attn.add_q_proj.lora_B.weight"]
     assert k_only.shape == (5, 16) and not k_only[2:].any() and k_only[:2].any()
     assert not add_q_only[:, :2].any() and add_q_only[:, 2:].any()
+
+
+# -- train_dmd2.py --------------------------------------------------------------------------------
+
+
+def _argv(*extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", "m", "--recipe", "r", "--dataset_name", "d", *extra]
+
+
+def test_flags_are_checked_before_anything_loads(tmp_path, capsys):
+    from fastgen_diffusers.training import parse_args
+
+    for extra, message in [
+        (["--teacher_lora", "./missing/style"], "--teacher_lora './missing/style' does not exist"),
+        (["--teacher_lora", "style.safetensors"], "does not exist; expected a diffusers LoRA"),
+        (["--teacher_lora", "a/b/c"], "'a/b/c' does not exist"),
+        (["--teacher_lora", "x", "--teacher_lora_scale", "nan"], "--teacher_lora_scale nan"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(_argv(*extra))
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err, extra
+    # a Hub repo id, or an existing file, passes
+    assert parse_args(_argv("--teacher_lora", "me/style-lora")).teacher_lora == "me/style-lora"
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    args = parse_args(_argv("--teacher_lora", str(lora), "--teacher_lora_scale", "0.5"))
+    assert (args.teacher_lora, args.teacher_lora_scale) == (str(lora), 0.5)
+    assert parse_args(_argv()).teacher_lora is None
+
+
+@pytest.mark.slow
+def test_train_dmd2_with_teacher_lora_exports_both_loras(tmp_path):
+    """A 2-step shared_lora run on a tiny SD3 teacher + a LoRA: the student adapter stacked on
+    the LoRA and the merged LoRA give the same images in the stock pipeline, and the card and
+    the merged snippet name the LoRA."""
+    from tiny_pipelines import CALL_KWARGS, save_tiny_sd3
+
+    from fastgen_diffusers.training import parse_args, train
+
+    model = save_tiny_sd3(tmp_path / "model")
+    base = SD3Transformer2DModel.from_pretrained(model, subfolder="transformer")
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["attn.to_k"], init_lora_weights=False)
+    base.add_adapter(config)
+    StableDiffusion3Pipeline.save_lora_weights(
+        tmp_path / "style",
+        transformer_lora_layers=get_peft_model_state_dict(base),
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )
+    (tmp_path / "recipe.yaml").write_text("student_update_freq: 2\n")
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    out = tmp_path / "out"
+    size = CALL_KWARGS["sd3"]
+    argv = [
+        "--pretrained_model_name_or_path", str(model), "--recipe", str(tmp_path / "recipe.yaml"),
+        "--dataset_name", str(tmp_path / "p.txt"), "--output_dir", str(out),
+        "--height", str(size["height"]), "--width", str(size["width"]),
+        "--max_train_steps", "2", "--learning_rate", "1e-2", "--report_to", "none",
+        "--use_lora", "--rank", "2", "--teacher_lora", str(tmp_path / "style"),
+        "--teacher_lora_scale", "0.5",
+    ]  # fmt: skip
+    train(parse_args(argv))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / MERGED_LORA_WEIGHT_NAME).is_file()
+    card = (out / "README.md").read_text()
+    assert "`style` (local) at scale 0.5" in card
+    assert f"weight_name={MERGED_LORA_WEIGHT_NAME!r}" in card
+
+    def images(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(
+            prompt="a cat",
+            num_inference_steps=1,
+            guidance_scale=1.0,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            max_sequence_length=8,
+            **size,
+        ).images
+
+    stacked = StableDiffusion3Pipeline.from_pretrained(model)
+    stacked.load_lora_weights(tmp_path / "style", adapter_name="style")
+    stacked.load_lora_weights(out, adapter_name="student")
+    stacked.set_adapters(["style", "student"], [0.5, 1.0])
+    merged = StableDiffusion3Pipeline.from_pretrained(model)
+    merged.load_lora_weights(out, weight_name=MERGED_LORA_WEIGHT_NAME)
+    plain = StableDiffusion3Pipeline.from_pretrained(model)
+    plain.load_lora_weights(out)  # the student adapter without the style
+    a, b, c = images(stacked), images(merged), images(plain)
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+    assert (a - c).abs().max() > 1e-3  # the style is part of the student
