@@ -1,8 +1,11 @@
-"""Train a "thick strokes" style LoRA on the shipped digits teacher (CPU, about two minutes).
+"""Train a "thick strokes" style LoRA on the shipped digits teacher (CPU, a few minutes).
 
 (Needs scikit-learn for the digits data: ``pip install -e ".[digits]"``.)
 
-    python examples/digits/train_style_lora.py --output_dir outputs/thick-lora
+    python examples/digits/train_style_lora.py --output_dir embedded/digits-thick-lora
+
+wrote the shipped ``embedded/digits-thick-lora`` (200 steps of batch 32, rank 8: 326 s of
+training on one thread of a busy 2-core machine; ``style_summary.json`` holds its scores).
 
 The style: every training digit's strokes are dilated (a 3x3 max filter on the 32x32 image in
 [-1, 1], so bright strokes grow by one pixel each side). A peft LoRA on the teacher's attention
@@ -48,10 +51,10 @@ def thicken(images: torch.Tensor) -> torch.Tensor:
 def train_style_lora(
     teacher: str | Path = digits_eval.DEFAULT_TEACHER,
     *,
-    steps: int = 600,
+    steps: int = 200,
     rank: int = 8,
-    lr: float = 1e-3,
-    batch_size: int = 64,
+    lr: float = 2e-3,
+    batch_size: int = 32,
     cond_dropout: float = 0.1,
     seed: int = 0,
     log=print,
@@ -113,10 +116,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="outputs/thick-lora")
     parser.add_argument("--teacher", default=str(digits_eval.DEFAULT_TEACHER))
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per_digit", type=int, default=10, help="images per digit to score")
     parser.add_argument("--threads", type=int, default=2)
@@ -160,6 +163,7 @@ def main() -> None:
         for f in out.iterdir():
             f.unlink()
         out.rmdir()
+    staging.chmod(0o755)  # mkdtemp makes it private
     staging.rename(out)
     print(json.dumps(summary), flush=True)
     print(f"style LoRA written to {out}/pytorch_lora_weights.safetensors", flush=True)
