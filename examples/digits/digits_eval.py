@@ -381,11 +381,12 @@ def report(
         raise ValueError(f"fd_reference={fd_reference!r}; expected 'real' or 'teacher'")
     # Every image set is one stage: the teachers, the students and the real digits.
     total = len(teacher_steps) + (guidance > 1) + len(student_steps) + 1
-    total += fd_reference == "teacher"
+    offset = int(fd_reference == "teacher")  # the reference images are the first stage
+    total += offset
     reference = None
 
     def stage(name: str, what: str) -> None:
-        print(f"[{len(rows) + 1}/{total}] {name}: {what}", flush=True)
+        print(f"[{len(rows) + 1 + offset}/{total}] {name}: {what}", flush=True)
 
     def score(name: str, pipe, steps: int, cfg_scale: float, nfe: int, **kwargs) -> None:
         start = time.time()
@@ -403,7 +404,7 @@ def report(
 
     teacher_pipe = load_teacher_pipeline(teacher, teacher_lora, teacher_lora_scale)
     if fd_reference == "teacher":
-        print(f"[{total}/{total}] FD reference: the teacher's 28-step images, seed {seed + 1}")
+        print(f"[1/{total}] FD reference: the teacher's 28-step images, seed {seed + 1}")
         images, _ = generate(teacher_pipe, 28, guidance, per_digit, seed + 1)
         reference = classify(images, classifier)[1]
     for steps in teacher_steps:
