@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import warnings
 from collections import OrderedDict
@@ -56,16 +57,22 @@ from .io import atomic_path
 __all__ = [
     "FAKE_SCORE_ADAPTER",
     "LAYOUTS",
+    "MERGED_LORA_WEIGHT_NAME",
     "STUDENT_ADAPTER",
+    "TEACHER_LORA_ADAPTER",
     "AdapterRole",
     "DMDNetworks",
     "LoraSettings",
+    "UserLora",
     "add_adapters",
     "build_dmd_networks",
     "default_target_modules",
     "enable_gradient_checkpointing",
     "fuse_student",
     "lora_weight_names",
+    "fuse_user_lora",
+    "merged_lora_state_dict",
+    "save_merged_lora",
     "save_student_lora",
     "student_lora_state_dict",
     "use_adapter",
@@ -75,6 +82,10 @@ LAYOUTS = ("full", "student_lora", "separate_lora", "shared_lora")
 STUDENT_ADAPTER = "student"
 DEFAULT_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 FAKE_SCORE_ADAPTER = "fake_score"
+TEACHER_LORA_ADAPTER = "teacher_lora"
+# Not ``pytorch_lora_weights.safetensors``: ``load_lora_weights(folder)`` keeps finding the
+# student adapter alone, and the merged LoRA loads with ``weight_name=``.
+MERGED_LORA_WEIGHT_NAME = "merged_lora_weights.safetensors"
 
 _STATE_ATTR = "_fastgen_adapter_state"
 
@@ -607,3 +618,168 @@ def fuse_student(student: AdapterRole) -> nn.Module:
     fused.unload_lora()  # swaps every LoRA layer for its (now merged) base layer
     fused.requires_grad_(False)
     return fused
+
+
+# -- the user's LoRA on the teacher --------------------------------------------------------------
+
+
+@dataclass
+class UserLora:
+    """A diffusers-format LoRA fused into the teacher (``--teacher_lora``), kept for export.
+
+    ``layers`` maps each adapted module's name (in the transformer) to ``(A, B)`` on the CPU in
+    float32, with peft's ``alpha / r`` scaling and the user's ``scale`` folded into ``B``: the
+    module's weight gained ``B @ A``.
+    """
+
+    source: str
+    scale: float
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def rank(self) -> int:
+        """The largest rank over the adapted modules."""
+        return max(a.shape[0] for a, _ in self.layers.values())
+
+
+def fuse_user_lora(
+    transformer: nn.Module,
+    lora: str | os.PathLike | Mapping[str, torch.Tensor],
+    scale: float = 1.0,
+    **load_kwargs: Any,
+) -> UserLora:
+    """Fuse a diffusers-format LoRA (file, folder, Hub repo id or state dict) into
+    ``transformer``'s weights at ``scale``, in place, and return it as a :class:`UserLora`.
+
+    The LoRA is read with the family's ``lora_loader_class.lora_state_dict`` (which converts the
+    formats the stock pipeline's ``load_lora_weights`` accepts) and loaded with diffusers'
+    ``load_lora_adapter``, so it is the adapter the stock pipeline would build; its product is
+    then added to the weights and the LoRA layers removed: ``transformer`` is a plain model
+    again, with nothing trainable added. ``load_kwargs`` go to ``lora_state_dict`` (e.g.
+    ``weight_name``, ``cache_dir``).
+    """
+    if not math.isfinite(scale):
+        raise ValueError(f"LoRA scale must be finite, got {scale}")
+    family = _family_class(transformer)
+    if family is None:
+        raise _unknown_family(f"No diffusers LoRA loader for {type(transformer).__name__}")
+    if _tuner_layers(transformer):
+        raise ValueError(f"{type(transformer).__name__} already carries LoRA layers")
+    source = str(lora) if not isinstance(lora, Mapping) else "<state dict>"
+    loaded = family.lora_loader_class.lora_state_dict(
+        lora, return_lora_metadata=True, **load_kwargs
+    )
+    state, metadata = loaded[0], loaded[-1]
+    if not any(k.startswith("transformer.") for k in state):
+        raise ValueError(
+            f"LoRA {source!r} has no transformer weights (keys such as {sorted(state)[:3]}); "
+            f"expected a diffusers LoRA of a {family.transformer_class.__name__}"
+        )
+    transformer.load_lora_adapter(
+        state, prefix="transformer", adapter_name=TEACHER_LORA_ADAPTER, metadata=metadata
+    )
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, module in transformer.named_modules():
+        if not isinstance(module, BaseTunerLayer) or TEACHER_LORA_ADAPTER not in module.lora_A:
+            continue
+        if not isinstance(module.get_base_layer(), nn.Linear) or module.use_dora.get(
+            TEACHER_LORA_ADAPTER, False
+        ):
+            raise ValueError(
+                f"LoRA {source!r}: module {name!r} is not a plain LoRA on a Linear layer "
+                f"({type(module.get_base_layer()).__name__}); expected LoRA on linear layers"
+            )
+        a = module.lora_A[TEACHER_LORA_ADAPTER].weight.detach().float().cpu()
+        b = module.lora_B[TEACHER_LORA_ADAPTER].weight.detach().float().cpu()
+        layers[name] = (a.clone(), b * (module.scaling[TEACHER_LORA_ADAPTER] * scale))
+    with torch.no_grad():
+        transformer.fuse_lora(lora_scale=scale, adapter_names=[TEACHER_LORA_ADAPTER])
+    transformer.unload_lora()
+    transformer.requires_grad_(False)
+    return UserLora(source=source, scale=float(scale), layers=layers)
+
+
+def merged_lora_state_dict(
+    user: UserLora,
+    student_state: Mapping[str, torch.Tensor],
+    student_scaling: float,
+    dtype: torch.dtype | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One LoRA equal to the user's LoRA (at its scale) plus the student adapter.
+
+    The two are stacked along the rank: ``A = [A_user; A_student]``,
+    ``B = [B_user s_user; B_student s_student]`` (scalings folded into ``B``), so that
+    ``B @ A = s_user B_user A_user + s_student B_student A_student`` exactly, and the merged
+    adapter has scaling 1 (``lora_alpha = r``). Every module gets the same rank, the user's
+    largest plus the student's; a module only one of them adapts gets zeros for the other.
+
+    ``student_state``: :func:`student_lora_state_dict`'s keys (``<module>.lora_A.weight``).
+    Returns the state dict in the same key format and the adapter metadata for
+    ``save_lora_weights``.
+    """
+    student: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in student_state.items():
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if key.endswith(suffix):
+                student.setdefault(key[: -len(suffix)], {})[part] = value.detach().float().cpu()
+                break
+        else:
+            raise KeyError(f"{key!r} is not a LoRA A or B weight")
+    r_user = user.rank
+    r_student = max(v["lora_A"].shape[0] for v in student.values())
+    rank = r_user + r_student
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(set(user.layers) | set(student)):
+        a_user, b_user = user.layers.get(name, (None, None))
+        mod = student.get(name)
+        ref_a = a_user if a_user is not None else mod["lora_A"]  # type: ignore[index]
+        ref_b = b_user if b_user is not None else mod["lora_B"]  # type: ignore[index]
+        a = torch.zeros(rank, ref_a.shape[1])
+        b = torch.zeros(ref_b.shape[0], rank)
+        if a_user is not None and b_user is not None:
+            a[: a_user.shape[0]] = a_user
+            b[:, : b_user.shape[1]] = b_user
+        if mod is not None:
+            a[r_user : r_user + mod["lora_A"].shape[0]] = mod["lora_A"]
+            b[:, r_user : r_user + mod["lora_B"].shape[1]] = mod["lora_B"] * student_scaling
+        out[f"{name}.lora_A.weight"] = a.to(dtype) if dtype is not None else a
+        out[f"{name}.lora_B.weight"] = b.to(dtype) if dtype is not None else b
+    names = sorted({k.rsplit(".lora_", 1)[0] for k in out})
+    metadata = LoraConfig(r=rank, lora_alpha=rank, target_modules=names).to_dict()
+    return out, metadata
+
+
+def save_merged_lora(
+    student: AdapterRole,
+    user: UserLora,
+    save_directory: str | os.PathLike,
+    weight_name: str = MERGED_LORA_WEIGHT_NAME,
+    gathered: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> str:
+    """Write :func:`merged_lora_state_dict` of the user's LoRA and the student adapter where
+    ``pipe.load_lora_weights(save_directory, weight_name=weight_name)`` finds it (written under a
+    temporary name, then renamed). ``gathered``, ``dtype``: see :func:`student_lora_state_dict`.
+    """
+    inner = _adapted_model(student.module)
+    family = _family_class(inner)
+    if family is None:
+        raise _unknown_family(f"No diffusers LoRA format for {type(inner).__name__}")
+    config = inner.peft_config[student.adapter]
+    scaling = float(config.lora_alpha) / float(config.r)
+    if config.rank_pattern or config.alpha_pattern or getattr(config, "use_rslora", False):
+        raise ValueError("save_merged_lora expects one rank and alpha for the whole adapter")
+    state, metadata = merged_lora_state_dict(
+        user, student_lora_state_dict(student, gathered), scaling, dtype
+    )
+    os.makedirs(save_directory, exist_ok=True)
+    final = os.path.join(save_directory, weight_name)
+    with atomic_path(final) as tmp:
+        family.lora_loader_class.save_lora_weights(
+            str(tmp.parent),
+            transformer_lora_layers=state,
+            transformer_lora_adapter_metadata=metadata,
+            weight_name=tmp.name,
+        )
+    return final

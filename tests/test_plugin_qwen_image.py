@@ -2,10 +2,10 @@
 capture, the DMD step, dtypes, and the student's stock-pipeline schedule.
 
 Tiny models are built from config (nothing is downloaded). Tolerances: every comparison runs
-in fp32; the wrapper feeds the transformer ``t`` while the pipeline feeds ``(1000 t) / 1000``
-(equal up to one float32 ulp), and ``sample_student`` re-noises in float64 while the scheduler
-steps in float32, so results agree to ~1e-6 relative; we allow 2e-5 absolute + 1e-5 relative
-on O(1) latents.
+in fp32; the wrapper feeds the transformer ``(1000 t) / 1000`` as the pipeline does (exact in
+every precision mode: ``tests/test_timestep_precision.py``), and ``sample_student`` re-noises
+in float64 while the scheduler steps in float32, so results agree to ~1e-6 relative; we allow
+2e-5 absolute + 1e-5 relative on O(1) latents.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def test_token_maps_follow_the_packing_order():
     assert torch.equal(qi.image_tokens_to_map(extra, (1, H // 2, W // 2)), maps)
 
 
-def test_wrapper_is_the_transformer_on_packed_tokens_with_t_unchanged():
+def test_wrapper_is_the_transformer_on_packed_tokens_with_the_pipelines_t():
     transformer = tiny_transformer()
     wrapper = qi.QwenImageWrapper(transformer)
     assert wrapper.config is transformer.config and wrapper.num_channels_latents == C
@@ -147,7 +147,7 @@ def test_wrapper_is_the_transformer_on_packed_tokens_with_t_unchanged():
         out = wrapper(x, t, p["pos"], encoder_hidden_states_mask=p["pos_mask"])
         raw = transformer(
             hidden_states=QwenImagePipeline._pack_latents(x[:, :, 0], B, C, H, W),
-            timestep=t,
+            timestep=(t * 1000) / 1000,  # QwenImagePipeline: scheduler timesteps / 1000
             encoder_hidden_states=p["pos"],
             encoder_hidden_states_mask=p["pos_mask"],
             img_shapes=[[(1, H // 2, W // 2)]] * B,
@@ -448,7 +448,7 @@ def test_feature_capture_reads_the_image_stream_as_non_square_maps():
     with torch.no_grad(), raw_capture.record() as raw_feats:
         transformer(
             hidden_states=qi.pack_latents(x),
-            timestep=t,
+            timestep=(t * 1000) / 1000,  # QwenImagePipeline: scheduler timesteps / 1000
             encoder_hidden_states=p["pos"],
             encoder_hidden_states_mask=p["pos_mask"],
             img_shapes=[[(1, H // 2, W // 2)]] * B,

@@ -182,15 +182,26 @@ def heldout_features(classifier: DigitCNN | None = None) -> torch.Tensor:
     return _REAL_FEATS[key]
 
 
+def ink(images: torch.Tensor) -> float:
+    """The style measure of thick strokes: mean intensity of the gray images, in [0, 1]."""
+    return ((to_gray(images).clamp(-1, 1) + 1) / 2).mean().item()
+
+
 def evaluate(
-    images: torch.Tensor, labels: torch.Tensor, classifier: DigitCNN | None = None
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    classifier: DigitCNN | None = None,
+    reference: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Class accuracy of ``images`` against the digits they were asked for, and the Frechet
-    distance of their features to the held-out real digits."""
+    """Class accuracy of ``images`` against the digits they were asked for, the Frechet
+    distance of their features to ``reference`` features (default: the held-out real digits)
+    and their :func:`ink`."""
     pred, feats = classify(images, classifier)
+    ref = heldout_features(classifier) if reference is None else reference
     return {
         "accuracy": (pred == labels.to(pred.device)).float().mean().item(),
-        "fd": frechet_distance(feats, heldout_features(classifier)),
+        "fd": frechet_distance(feats, ref),
+        "ink": ink(images),
     }
 
 
@@ -270,6 +281,21 @@ def student_sigmas(t_list: list[float], steps: int, shift: float = 1.0) -> list[
     return [min(shift * x / (1 + (shift - 1) * x), rungs[0]) for x in u]
 
 
+def load_teacher_pipeline(
+    teacher: str | os.PathLike, teacher_lora: str | None = None, teacher_lora_scale: float = 1.0
+):
+    """The stock ``StableDiffusion3Pipeline`` of ``teacher``, with ``teacher_lora`` (a diffusers
+    LoRA, e.g. ``train_style_lora.py``'s) loaded at ``teacher_lora_scale``."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(teacher)
+    if teacher_lora is not None:
+        pipe.load_lora_weights(teacher_lora, adapter_name="style")
+        pipe.set_adapters(["style"], [teacher_lora_scale])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def check_student_output(output_dir: str | os.PathLike) -> Path:
     """``output_dir`` if it holds an exported student (``scheduler/`` and ``transformer/`` or a
     LoRA file), else a ``FileNotFoundError`` that says what is missing."""
@@ -306,7 +332,11 @@ def load_student_pipeline(output_dir: str | os.PathLike, teacher: str | os.PathL
         )
     else:
         pipe = StableDiffusion3Pipeline.from_pretrained(teacher, scheduler=scheduler)
-        pipe.load_lora_weights(output_dir)
+        merged = output_dir / "merged_lora_weights.safetensors"
+        if merged.is_file():  # a student of teacher + a user's LoRA: both in one LoRA
+            pipe.load_lora_weights(output_dir, weight_name=merged.name)
+        else:
+            pipe.load_lora_weights(output_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -321,12 +351,18 @@ def report(
     student_steps: list[int] = (1, 2, 4),
     per_digit: int = 20,
     seed: int = 1234,
+    teacher_lora: str | None = None,
+    teacher_lora_scale: float = 1.0,
+    fd_reference: str = "real",
 ) -> list[dict]:
     """Scores the teacher (at the recipe's CFG, and at 1 step without CFG: the student's NFE)
     and the student of ``output_dir`` at each step count; writes ``quality/<name>.png`` grids,
-    ``quality/quality.json`` and ``quality/quality.md`` into ``output_dir``; returns the rows."""
-    from diffusers import StableDiffusion3Pipeline
+    ``quality/quality.json`` and ``quality/quality.md`` into ``output_dir``; returns the rows.
 
+    ``teacher_lora`` (``train_dmd2.py --teacher_lora``): the teacher is scored with that LoRA
+    at ``teacher_lora_scale``. ``fd_reference="teacher"``: the Frechet distance is measured to
+    the teacher's own 28-step images (the recipe's CFG, another seed) instead of the held-out
+    real digits: how close the student comes to what it distills."""
     from fastgen_diffusers import load_config
     from fastgen_diffusers.config import DMDConfig
 
@@ -341,11 +377,16 @@ def report(
     out = Path(output_dir) / "quality"
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    if fd_reference not in ("real", "teacher"):
+        raise ValueError(f"fd_reference={fd_reference!r}; expected 'real' or 'teacher'")
     # Every image set is one stage: the teachers, the students and the real digits.
     total = len(teacher_steps) + (guidance > 1) + len(student_steps) + 1
+    offset = int(fd_reference == "teacher")  # the reference images are the first stage
+    total += offset
+    reference = None
 
     def stage(name: str, what: str) -> None:
-        print(f"[{len(rows) + 1}/{total}] {name}: {what}", flush=True)
+        print(f"[{len(rows) + 1 + offset}/{total}] {name}: {what}", flush=True)
 
     def score(name: str, pipe, steps: int, cfg_scale: float, nfe: int, **kwargs) -> None:
         start = time.time()
@@ -353,7 +394,7 @@ def report(
         # The pipeline's own bar shows the denoising steps of each batch.
         pipe.set_progress_bar_config(desc=name, leave=False)
         images, labels = generate(pipe, steps, cfg_scale, per_digit, seed, **kwargs)
-        scores = evaluate(images, labels, classifier)
+        scores = evaluate(images, labels, classifier, reference)
         cols = min(8, per_digit)  # fewer than 8 per digit: a narrower grid
         save_grid(_grid_order(images, per_digit, cols), out / f"{name}.png", cols=cols)
         row = {"name": name, "steps": steps, "cfg": cfg_scale, "nfe": nfe, **scores}
@@ -361,8 +402,11 @@ def report(
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    teacher_pipe = StableDiffusion3Pipeline.from_pretrained(teacher)
-    teacher_pipe.set_progress_bar_config(disable=True)
+    teacher_pipe = load_teacher_pipeline(teacher, teacher_lora, teacher_lora_scale)
+    if fd_reference == "teacher":
+        print(f"[1/{total}] FD reference: the teacher's 28-step images, seed {seed + 1}")
+        images, _ = generate(teacher_pipe, 28, guidance, per_digit, seed + 1)
+        reference = classify(images, classifier)[1]
     for steps in teacher_steps:
         nfe = steps * (2 if guidance > 1 else 1)
         score(f"teacher_{steps}", teacher_pipe, steps, guidance, nfe)
@@ -376,14 +420,26 @@ def report(
     real, real_labels = load_digits_32()
     train = split_indices()[0]
     stage("real digits", f"{len(train)} images of the train split")
-    rows.append({"name": "real digits (train split)", **evaluate(real[train], real_labels[train])})
+    rows.append(
+        {
+            "name": "real digits (train split)",
+            **evaluate(real[train], real_labels[train], classifier, reference),
+        }
+    )
     heldout = torch.load(classifier_path, map_location="cpu", weights_only=True).get(
         "heldout_accuracy"
     )
-    table = markdown_table(rows, heldout)
     tmp = out / "quality.json.tmp"
-    tmp.write_text(json.dumps({"rows": rows, "classifier_heldout_accuracy": heldout}, indent=2))
+    record = {
+        "rows": rows,
+        "classifier_heldout_accuracy": heldout,
+        "fd_reference": fd_reference,
+        "teacher_lora": teacher_lora,
+        "teacher_lora_scale": teacher_lora_scale,
+    }
+    tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(out / "quality.json")
+    table = markdown_table(rows, heldout, fd_reference)
     (out / "quality.md").write_text(table + "\n")
     grids = ", ".join(f"{row['name']}.png" for row in rows if "steps" in row)
     print(f"grids: {out}/ ({grids})", flush=True)
@@ -391,21 +447,30 @@ def report(
     return rows
 
 
-def markdown_table(rows: list[dict], classifier_heldout_accuracy: float | None = None) -> str:
-    """The quality table: one line per image set, accuracy in %, FD to the held-out digits."""
+def markdown_table(
+    rows: list[dict], classifier_heldout_accuracy: float | None = None, fd_reference: str = "real"
+) -> str:
+    """The quality table: one line per image set, accuracy in %, FD to the held-out digits (or
+    to the teacher's 28-step images), ink (mean intensity)."""
     lines = [
-        "| images | steps | CFG | NFE | class accuracy | Frechet distance |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| images | steps | CFG | NFE | class accuracy | Frechet distance | ink |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         cells = [row["name"]]
         cells += [str(row.get(k, "")) if k in row else "-" for k in ("steps", "cfg", "nfe")]
         cells += [f"{100 * row['accuracy']:.1f}%", f"{row['fd']:.1f}"]
+        cells += [f"{row['ink']:.3f}" if "ink" in row else "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    against = (
+        "the teacher's 28-step images (another seed)"
+        if fd_reference == "teacher"
+        else "the 360 held-out digits"
+    )
     if classifier_heldout_accuracy is not None:
         lines.append(
             f"\nClassifier held-out accuracy: {100 * classifier_heldout_accuracy:.1f}% "
-            "(Frechet distance against the 360 held-out digits)."
+            f"(Frechet distance against {against})."
         )
     return "\n".join(lines)
 
@@ -448,6 +513,16 @@ def main() -> None:
     rp.add_argument("--per_digit", type=int, default=20)
     rp.add_argument("--seed", type=int, default=1234)
     rp.add_argument("--threads", type=int, default=2)
+    rp.add_argument(
+        "--teacher_lora", default=None, help="the teacher's LoRA (train_dmd2.py --teacher_lora)"
+    )
+    rp.add_argument("--teacher_lora_scale", type=float, default=1.0)
+    rp.add_argument(
+        "--fd_reference",
+        choices=["real", "teacher"],
+        default="real",
+        help="Frechet distance to the held-out real digits, or to the teacher's 28-step images",
+    )
     args = parser.parse_args()
 
     if args.command == "report":
@@ -462,10 +537,13 @@ def main() -> None:
                 student_steps=args.student_steps,
                 per_digit=args.per_digit,
                 seed=args.seed,
+                teacher_lora=args.teacher_lora,
+                teacher_lora_scale=args.teacher_lora_scale,
+                fd_reference=args.fd_reference,
             )
         except (FileNotFoundError, ValueError) as err:
             rp.error(str(err))
-        print(markdown_table(rows))
+        print(markdown_table(rows, fd_reference=args.fd_reference))
         return
 
     if args.command == "train-classifier":

@@ -81,6 +81,24 @@ class TransformerWrapper(nn.Module):
         """
         return self.transformer.dtype
 
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the transformer's layers compute in on ``device``: the autocast dtype inside
+        an autocast region for ``device.type`` (fp32 weights under ``--mixed_precision bf16``
+        compute in bf16), else the weights' dtype :attr:`dtype`."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.dtype
+
+    def _pipeline_rounded_t(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as the Flux and Qwen-Image pipelines pass it: the scheduler's ``1000 t``
+        (float32) cast to the latents' dtype, then divided by 1000 in that dtype.
+
+        The latents' dtype of the stock pipeline is the dtype its transformer computes in, so the
+        rounding follows :meth:`compute_dtype`: under bf16 autocast a model with fp32 weights
+        sees what the stock pipeline's bf16 model sees (t = 0.74925 -> 0.746094 instead of 0.75).
+        """
+        return (t * 1000.0).to(self.compute_dtype(t.device)) / 1000.0
+
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
 

@@ -163,6 +163,14 @@ class FluxWrapper(TransformerWrapper):
             when ``transformer.config.guidance_embeds`` (Flux-dev). 3.5 is FluxPipeline's
             default.
 
+    Timestep precision: ``FluxPipeline`` casts ``scheduler.timesteps`` (``1000 sigma``, float32)
+    to the latents' dtype and divides by 1000 in it; the transformer casts that to the dtype of
+    its ``x_embedder`` output and multiplies by 1000. The wrapper rounds ``t`` the same way in
+    :meth:`compute_dtype`: with fp32 or bf16 weights the time projection gets what the stock
+    pipeline of that dtype gives it; under bf16 autocast with fp32 weights (``--mixed_precision
+    bf16``) it gets what the bf16 stock pipeline gives it (t = 0.749 -> 748, not 752), as the
+    autocast model then computes in bf16. ``guidance`` goes in as float32, as in the pipeline.
+
     Example::
 
         teacher = FluxWrapper(pipe.transformer, guidance_scale=3.5)
@@ -255,9 +263,9 @@ class FluxWrapper(TransformerWrapper):
         )
 
         # FluxPipeline passes scheduler timesteps (t * 1000, fp32) cast to the latents dtype and
-        # divided by 1000; the transformer multiplies by 1000 again in its dtype. Rounding t the
-        # same way gives a bf16 model the time embedding it gets in the stock pipeline.
-        timestep = (t * 1000.0).to(dtype) / 1000.0
+        # divided by 1000; the transformer multiplies by 1000 again in the dtype of its
+        # x_embedder output (the autocast dtype under autocast).
+        timestep = self._pipeline_rounded_t(t)
 
         txt_ids = kwargs.pop("txt_ids", None)
         if txt_ids is None:

@@ -3,8 +3,9 @@
 What the stock ``QwenImagePipeline`` (diffusers 0.42) does, and what this module mirrors:
 
 - Timestep: the pipeline passes ``scheduler.timesteps / 1000``, i.e. the RF time ``t`` in
-  [0, 1], and the model scales it itself (``Timesteps(..., scale=1000)``). The wrapper passes
-  ``t`` unchanged; recipes used with it leave ``num_train_timesteps`` null.
+  [0, 1], cast to the latents' dtype before the division, and the model scales it itself
+  (``Timesteps(..., scale=1000)``). The wrapper rounds ``t`` the same way (bf16:
+  0.74925 -> 0.746094); recipes used with it leave ``num_train_timesteps`` null.
 - Latents: ``AutoencoderKLQwenImage`` (a Wan-style causal 3-D VAE) encodes an image to
   ``[B, 16, 1, H/8, W/8]``. That 5-D layout is the wrapper's latent layout (a 4-D
   ``[B, C, H, W]`` input is accepted too and answered in 4-D). The transformer sees 2x2
@@ -203,6 +204,14 @@ class QwenImageWrapper(TransformerWrapper):
     Args:
         transformer: the diffusers ``QwenImageTransformer2DModel`` (kept as ``.transformer``).
 
+    Timestep precision: ``QwenImagePipeline`` casts ``scheduler.timesteps`` (``1000 sigma``,
+    float32) to the latents' dtype and divides by 1000 in it; the transformer casts that to the
+    dtype of its ``img_in`` output and its time projection scales it by 1000. The wrapper rounds
+    ``t`` the same way in :meth:`compute_dtype`: with fp32 or bf16 weights the time projection
+    gets what the stock pipeline of that dtype gives it, and under bf16 autocast with fp32
+    weights (``--mixed_precision bf16``) what the bf16 stock pipeline gives it (t = 0.74925 ->
+    0.746094, where passing ``t`` unchanged gives 0.75).
+
     Example::
 
         model = QwenImageWrapper(pipe.transformer)
@@ -238,8 +247,8 @@ class QwenImageWrapper(TransformerWrapper):
 
         Args:
             hidden_states: ``x_t``, ``[B, C, 1, H, W]`` or ``[B, C, H, W]`` (``H``, ``W`` even).
-            timestep: ``t`` in [0, 1], ``[B]`` or a scalar; passed to the transformer unchanged
-                (it multiplies by 1000 itself).
+            timestep: ``t`` in [0, 1], ``[B]`` or a scalar; rounded as the pipeline rounds it
+                (see the class docstring); the transformer multiplies by 1000 itself.
             encoder_hidden_states: text embeddings ``[B, L, joint_attention_dim]``.
             encoder_hidden_states_mask: ``[B, L]``, 1 for valid tokens, 0 for padding; ``None``
                 when every token is valid.
@@ -271,7 +280,7 @@ class QwenImageWrapper(TransformerWrapper):
         img_shapes = [[(1, height // 2, width // 2)]] * batch
         out = self.transformer(
             hidden_states=tokens,
-            timestep=t,
+            timestep=self._pipeline_rounded_t(t),
             encoder_hidden_states=encoder_hidden_states.to(dtype),
             encoder_hidden_states_mask=encoder_hidden_states_mask,
             img_shapes=img_shapes,

@@ -292,6 +292,13 @@ class SD3Wrapper(TransformerWrapper):
     ``forward`` takes ``x_t`` as ``[B, C, H, W]`` latents (``H`` and ``W`` multiples of
     ``patch_size``) and ``t`` in [0, 1], and returns the flow prediction ``eps - x0`` in the
     same layout, in the transformer's dtype (inputs are cast to it; weights are never cast).
+
+    Timestep precision: ``StableDiffusion3Pipeline`` passes ``scheduler.timesteps`` (``1000
+    sigma`` in float32) unchanged, and the transformer feeds it to its sinusoidal projection
+    without a cast, whatever the weights' dtype. The wrapper passes ``1000 t`` in float32, so
+    the time projection gets the pipeline's exact value with fp32 weights, bf16 weights, and
+    fp32 weights under bf16 autocast (whose stock equivalent, the bf16 pipeline, also passes
+    float32).
     """
 
     def __init__(

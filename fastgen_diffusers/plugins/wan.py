@@ -134,6 +134,14 @@ class WanWrapper(TransformerWrapper):
     of the patch size) and ``t`` in [0, 1], and returns the flow prediction ``eps - x0`` in the
     latent layout (``out_channels``), in the transformer's dtype. Inputs are cast to it; weights
     are never cast.
+
+    Timestep precision: ``WanPipeline`` passes ``scheduler.timesteps`` in float32 (with
+    ``expand_timesteps``, a float32 mask times it, per token) and the transformer's
+    ``timesteps_proj`` reads it without a cast (the time embedder is kept in fp32). The wrapper
+    passes ``1000 t`` in float32: the exact pipeline value with fp32 weights, bf16 weights, and
+    fp32 weights under bf16 autocast (the bf16 pipeline passes float32 too). The released
+    checkpoints' UniPC scheduler rounds its timesteps to integers; the student's
+    ``FlowMatchEulerDiscreteScheduler`` (:func:`student_scheduler_config`) does not.
     """
 
     def __init__(

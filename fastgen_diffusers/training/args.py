@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,8 @@ class TrainingArguments:
     lora_dropout: float
     lora_init: bool | str
     lora_target_modules: list[str] | None
+    teacher_lora: str | None
+    teacher_lora_scale: float
     # checkpoints, validation, logging
     checkpointing_steps: int
     checkpoints_total_limit: int | None
@@ -514,6 +517,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="Module-name suffixes to adapt, space- or comma-separated (to_q to_k, or "
         "to_q,to_k; default: the family's attention projections and feed-forwards).",
     )
+    lora.add_argument(
+        "--teacher_lora",
+        type=str,
+        default=None,
+        help="A diffusers-format LoRA (a .safetensors file, a folder or a Hub repo id, e.g. a "
+        "style) fused into the teacher: the student distills base + this LoRA. LoRA students "
+        "are also exported merged with it (merged_lora_weights.safetensors).",
+    )
+    lora.add_argument(
+        "--teacher_lora_scale",
+        type=float,
+        default=1.0,
+        help="The scale of --teacher_lora (pipe.set_adapters([...], [scale])).",
+    )
 
     logs = parser.add_argument_group("checkpoints, validation, logging")
     logs.add_argument(
@@ -706,6 +723,7 @@ def check_arguments(args: TrainingArguments | argparse.Namespace) -> None:
             args.guidance_scale_2,
             "a value >= 1 (1.0 = conditional only; Wan2.2-T2V-A14B's pipeline example: 3.0)",
         )
+    _check_teacher_lora(args)
     if args.flux_guidance is not None:
         _require(
             math.isfinite(args.flux_guidance) and args.flux_guidance >= 0,
@@ -734,6 +752,37 @@ def check_arguments(args: TrainingArguments | argparse.Namespace) -> None:
         )
     if args.hub_model_id is not None and not args.hub_model_id.strip():
         raise UserError("--hub_model_id is empty", expected="a repository id such as me/student")
+
+
+def _check_teacher_lora(args: TrainingArguments | argparse.Namespace) -> None:
+    """``--teacher_lora`` names an existing file or folder, or looks like a Hub repo id;
+    ``--teacher_lora_scale`` is finite."""
+    _require(
+        math.isfinite(args.teacher_lora_scale),
+        "--teacher_lora_scale",
+        args.teacher_lora_scale,
+        "a finite number (1.0: the LoRA as trained)",
+    )
+    path = args.teacher_lora
+    if path is None:
+        return
+    if os.path.exists(os.path.expanduser(path)):
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    # Hub ids are "name" or "owner/name"; a path-like value that does not exist is a typo.
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1
+    looks_local = looks_local or path.endswith((".safetensors", ".bin", ".pt"))
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        looks_local = True
+    if looks_local:
+        raise UserError(
+            f"--teacher_lora {path!r} does not exist",
+            expected="a diffusers LoRA file (.safetensors), a folder holding "
+            "pytorch_lora_weights.safetensors, or a Hub repo id such as owner/style-lora",
+        )
 
 
 def _split_commas(names: list[str] | None) -> list[str] | None:

@@ -78,9 +78,11 @@ def student_location(
     *,
     lora: bool,
     repo_id: str | None = None,
+    lora_weight_name: str | None = None,
 ) -> str:
     """One line: where the student was written (and pushed) and the diffusers call that loads
-    it into the family's stock pipeline (from the Hub repo when pushed, else the folder)."""
+    it into the family's stock pipeline (from the Hub repo when pushed, else the folder).
+    ``lora_weight_name``: the LoRA file to load (``--teacher_lora``: the merged LoRA)."""
     output = Path(output_dir).resolve()
     if Path(base_model).exists():
         base_model = str(Path(base_model).resolve())
@@ -91,10 +93,11 @@ def student_location(
     )
     two_experts = len(family.transformer_components) > 1  # Wan 2.2 A14B
     if lora:
-        written = output / "pytorch_lora_weights.safetensors"
+        written = output / (lora_weight_name or "pytorch_lora_weights.safetensors")
+        weight = f", weight_name={lora_weight_name!r}" if lora_weight_name else ""
         load = (
             f"pipe = {pipeline}.from_pretrained({base_model!r}, scheduler={scheduler}); "
-            f"pipe.load_lora_weights({location!r})"
+            f"pipe.load_lora_weights({location!r}{weight})"
         )
         if two_experts:
             load += (
@@ -127,7 +130,12 @@ def student_location(
 
 
 def print_student_location(
-    run: Run, family: Family, *, lora: bool, repo_id: str | None = None
+    run: Run,
+    family: Family,
+    *,
+    lora: bool,
+    repo_id: str | None = None,
+    lora_weight_name: str | None = None,
 ) -> None:
     """Print :func:`student_location` on the main process: the run's last line."""
     if run.is_main:
@@ -137,6 +145,7 @@ def print_student_location(
             run.args.pretrained_model_name_or_path,
             lora=lora,
             repo_id=repo_id,
+            lora_weight_name=lora_weight_name,
         )
         print(line, flush=True)
 

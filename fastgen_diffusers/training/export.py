@@ -26,7 +26,14 @@ from torch import nn
 
 from ..ema import ExponentialMovingAverage, ema_weights
 from ..io import atomic_directory, write_json_atomic
-from ..lora import AdapterRole, lora_weight_names, save_student_lora
+from ..lora import (
+    MERGED_LORA_WEIGHT_NAME,
+    AdapterRole,
+    UserLora,
+    lora_weight_names,
+    save_merged_lora,
+    save_student_lora,
+)
 
 if TYPE_CHECKING:
     from .state import Run, Teacher, Trainer
@@ -119,12 +126,16 @@ def export_student(
     ema: ExponentialMovingAverage | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
+    user_lora: UserLora | None = None,
 ) -> list[Path]:
     """Write the student (EMA weights when ``ema`` is given) and its scheduler config; returns
     the written paths. ``student`` is unwrapped (no DDP wrapper). For an FSDP2-sharded student
     pass ``state_dict``: its ``state_dict()`` gathered to full tensors
     (:func:`~fastgen_diffusers.training.parallel.full_state_dict`, EMA weights already in).
-    ``dtype``: the saved weights' dtype (default: as trained)."""
+    ``dtype``: the saved weights' dtype (default: as trained). ``user_lora``: the LoRA fused
+    into the teacher (``--teacher_lora``); a LoRA student is then also written merged with it
+    (:data:`~fastgen_diffusers.lora.MERGED_LORA_WEIGHT_NAME`), next to the student adapter alone
+    (which stacks on the user's LoRA)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     weights = ema_weights(ema, student) if ema is not None else contextlib.nullcontext()
@@ -147,6 +158,11 @@ def export_student(
                 )
                 for i, expert in enumerate(student.experts())
             ]
+            if user_lora is not None:
+                merged = save_merged_lora(
+                    student, user_lora, output_dir, gathered=state_dict, dtype=dtype
+                )
+                written.append(Path(merged))
         else:
             written = [_save_transformer(student, output_dir, state_dict, dtype)]
     written.append(write_scheduler(output_dir, scheduler_config))
@@ -187,13 +203,14 @@ def write_student(run: Run, teacher: Teacher, trainer: Trainer, folder: Path) ->
         ema=None if gathered is not None else ema,
         state_dict=gathered,
         dtype=save_dtype(run),
+        user_lora=teacher.user_lora,
     )
 
 
 # -- one output folder, one run -------------------------------------------------------------------
 
 # What an earlier run's export leaves next to its weights (checkpoints, logs and the cache stay).
-_EXPORT_EXTRAS = ("scheduler", "README.md", "validation", "run.json")
+_EXPORT_EXTRAS = ("scheduler", "README.md", "validation", "run.json", MERGED_LORA_WEIGHT_NAME)
 
 
 def _describe(folder: Path, saved: dict[str, Any] | None) -> str:

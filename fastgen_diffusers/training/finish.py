@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..lora import AdapterRole
+from ..lora import MERGED_LORA_WEIGHT_NAME, AdapterRole
 from .console import print_student_location
 from .export import write_student
 from .state import Progress, Run, Teacher, Trainer, TrainingData
@@ -41,8 +41,14 @@ def finish(
 
         assert run.hub_repo_id is not None  # created by setup_run before the teacher loaded
         push_to_hub(run.output_dir, run.hub_repo_id, token=args.hub_token, private=args.hub_private)
+    lora = isinstance(student, AdapterRole)
     print_student_location(
-        run, teacher.family, lora=isinstance(student, AdapterRole), repo_id=run.hub_repo_id
+        run,
+        teacher.family,
+        lora=lora,
+        repo_id=run.hub_repo_id,
+        # A student trained on base + the user's LoRA is complete only with it: the merged file.
+        lora_weight_name=MERGED_LORA_WEIGHT_NAME if lora and args.teacher_lora else None,
     )
 
 
@@ -73,6 +79,7 @@ def _write_card(run: Run, teacher: Teacher, *, lora: bool) -> None:
         height=height,
         width=width,
         num_frames=args.num_frames if family.is_video else None,
+        teacher_lora=(args.teacher_lora, args.teacher_lora_scale) if args.teacher_lora else None,
     )
 
 

@@ -34,6 +34,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ..config import DMDConfig
 from ..io import write_text_atomic
+from ..lora import MERGED_LORA_WEIGHT_NAME
 
 if TYPE_CHECKING:
     from ..plugins.base import Family
@@ -130,6 +131,7 @@ def render_usage_snippet(
     pipeline_kwargs: Mapping[str, Any],
     prompt: str = _DEFAULT_PROMPT,
     base_model_note: str | None = None,
+    lora_weight_name: str = _LORA_WEIGHTS,
 ) -> str:
     """Python source that runs the student in the stock diffusers pipeline.
 
@@ -138,7 +140,8 @@ def render_usage_snippet(
     from ``repo``'s ``scheduler/`` subfolder and call the pipeline with ``pipeline_kwargs``
     written as literals. ``family`` is a :class:`~fastgen_diffusers.plugins.base.Family` or a
     registered family name; ``pipeline_class_name`` defaults to the family's pipeline.
-    ``base_model_note`` becomes a comment on the ``base_model`` line.
+    ``base_model_note`` becomes a comment on the ``base_model`` line. ``lora_weight_name``: the
+    LoRA file the snippet loads (the merged LoRA of a student of base + a user's LoRA).
     """
     family = _resolve_family(family)
     pipeline_class_name = pipeline_class_name or family.pipeline_class.__name__
@@ -171,7 +174,7 @@ def render_usage_snippet(
             f"pipe = {pipeline_class_name}.from_pretrained(",
             "    base_model, scheduler=scheduler, dtype=torch.bfloat16",
             ")",
-            f"pipe.load_lora_weights(student, weight_name={_LORA_WEIGHTS!r})",
+            f"pipe.load_lora_weights(student, weight_name={lora_weight_name!r})",
         ]
         if two_experts:
             lines += [
@@ -313,6 +316,7 @@ def _description(
     pipeline_kwargs: Mapping[str, Any],
     widget: list[dict[str, Any]],
     extra: Mapping[str, Any] | None,
+    teacher_lora: tuple[str, float] | None = None,
 ) -> str:
     steps = len(t_list) - 1
     kind = "LoRA adapter" if lora else "full transformer"
@@ -333,6 +337,26 @@ def _description(
             else "`transformer/`, a drop-in replacement for the base model's."
         ),
     ]
+    weight_name = _LORA_WEIGHTS
+    if teacher_lora is not None:
+        name, scale = teacher_lora
+        name = _lora_name(name)
+        parts += [
+            "",
+            f"The teacher was the base model with the LoRA {name} fused in at scale "
+            f"{_fmt(scale)}: the student reproduces base + that LoRA in {steps} steps.",
+        ]
+        if lora:
+            weight_name = MERGED_LORA_WEIGHT_NAME
+            parts += [
+                "",
+                f"`{MERGED_LORA_WEIGHT_NAME}` is that LoRA and the student adapter in one LoRA "
+                "(stacked along the rank), loaded below. "
+                f"`{_LORA_WEIGHTS}` is the student adapter alone, to stack on the LoRA: "
+                f'`pipe.load_lora_weights(lora, adapter_name="style")`, '
+                '`pipe.load_lora_weights(student, adapter_name="student")`, '
+                f'`pipe.set_adapters(["style", "student"], [{_fmt(scale)}, 1.0])`.',
+            ]
     if widget:
         parts += ["", "<Gallery />"]
     snippet = render_usage_snippet(
@@ -344,6 +368,7 @@ def _description(
         pipeline_kwargs=pipeline_kwargs,
         prompt=next((w["text"] for w in widget if w["text"].strip()), _DEFAULT_PROMPT),
         base_model_note=base_note,
+        lora_weight_name=weight_name,
     )
     video = _task(family, pipeline_class_name) != "text-to-image"
     needs = ["`peft` (LoRA loading)"] if lora else []
@@ -384,11 +409,19 @@ def _description(
             "student's trajectory.",
         ]
     rows = [("teacher", f"`{base_model}`"), ("recipe", f"`{recipe_name}`")]
+    if teacher_lora is not None:
+        rows += [("teacher LoRA", f"{_lora_name(teacher_lora[0])} at scale {teacher_lora[1]:g}")]
     rows += _recipe_rows(recipe, t_list, sample_type)
     rows += [(str(k), v) for k, v in (extra or {}).items()]
     parts += ["", "## Training settings", "", "| | |", "|---|---|"]
     parts += [f"| {name} | {_fmt(value)} |" for name, value in rows]
     return "\n".join(parts)
+
+
+def _lora_name(name: str) -> str:
+    # A local LoRA is named by its file or folder name: the card leaves the machine.
+    path = Path(os.path.expanduser(name))
+    return f"`{path.resolve().name}` (local)" if path.exists() else f"`{name}`"
 
 
 def _license_fields(family: Family, base_model: str, license: str | None) -> dict[str, str]:
@@ -426,6 +459,7 @@ def write_model_card(
     height: int | None = None,
     width: int | None = None,
     num_frames: int | None = None,
+    teacher_lora: tuple[str, float] | None = None,
 ) -> Path:
     """Write ``output_dir/README.md`` for the exported student; returns its path.
 
@@ -453,6 +487,9 @@ def write_model_card(
             ``base_model`` folder, its own ``README.md``; omitted when unknown.
         height / width / num_frames: the trained size, added to the snippet's call so the
             student runs at what it learnt.
+        teacher_lora: ``(LoRA, scale)`` fused into the teacher (``--teacher_lora``): the card
+            says so, and a LoRA student's snippet loads the merged LoRA
+            (:data:`~fastgen_diffusers.lora.MERGED_LORA_WEIGHT_NAME`).
     """
     from diffusers.utils.hub_utils import populate_model_card
 
@@ -496,6 +533,7 @@ def write_model_card(
         pipeline_kwargs=pipeline_kwargs,
         widget=widget,
         extra=extra,
+        teacher_lora=teacher_lora,
     )
     card_data = ModelCardData(
         **license_fields,

@@ -63,6 +63,7 @@ __all__ = [
     "prepare_networks",
     "take_host_transformer",
     "take_host_transformers",
+    "teacher_transformers_with_weights",
     "unsharded_class",
 ]
 
@@ -129,6 +130,15 @@ def load_pipeline(accelerator: Accelerator, family: Any, path: str, **kwargs: An
 
 
 _HOST_ATTR = "_fastgen_host_transformer"
+
+
+def teacher_transformers_with_weights(pipe: Any) -> list[nn.Module]:
+    """The teacher's transformers that hold weights in this process: the pipeline's
+    transformers without FSDP2; under FSDP2 the host copies on the main process (the
+    meta-device transformers hold none), and nothing on the other ranks."""
+    found = [getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)]
+    found += pipe.__dict__.get(_HOST_ATTR) or []
+    return [m for m in found if m is not None and not any(p.is_meta for p in m.parameters())]
 
 
 def take_host_transformers(pipe: Any) -> list[nn.Module] | None:

@@ -25,13 +25,21 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from pickle import UnpicklingError
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from safetensors import SafetensorError
 
-from ..lora import AdapterRole, LoraSettings, build_dmd_networks, enable_gradient_checkpointing
+from ..lora import (
+    AdapterRole,
+    LoraSettings,
+    UserLora,
+    build_dmd_networks,
+    enable_gradient_checkpointing,
+    fuse_user_lora,
+)
 from ..methods import DMDPipeline
 from ..monitors import CollapseMonitor
 from ..quantize import quantize_base
@@ -55,6 +63,7 @@ from .parallel import (
     pipeline_to,
     prepare_networks,
     take_host_transformers,
+    teacher_transformers_with_weights,
 )
 from .preflight import load_dataset_checked, needs_media, preflight, resume_target, teacher_family
 from .run_record import RUN_RECORD, check_resume, run_record, write_run_record
@@ -212,6 +221,7 @@ def load_teacher(run: Run) -> Teacher:
         cache_dir=args.cache_dir,
     )
     pipeline_to(pipe, run.device)
+    user_lora = fuse_teacher_lora(args, pipe)
     height, width = args.size
     if height is None or width is None:
         default_height, default_width = family.default_size(pipe)
@@ -223,7 +233,47 @@ def load_teacher(run: Run) -> Teacher:
         latent_shape = family.latent_shape(pipe, height, width, num_frames=args.num_frames)
     except ValueError as err:  # what the preflight's config reading could not foresee
         raise UserError(f"--height/--width/--resolution/--num_frames: {err}") from err
-    return Teacher(family, pipe, latent_shape)
+    return Teacher(family, pipe, latent_shape, user_lora)
+
+
+def fuse_teacher_lora(args: TrainingArguments, pipe: Any) -> UserLora | None:
+    """Fuse ``--teacher_lora`` at ``--teacher_lora_scale`` into the teacher's weights (every
+    copy of them this process holds): the teacher, and every network built from it, is then
+    base + the user's LoRA, frozen. Returns the LoRA as fused (for export), else ``None``."""
+    if args.teacher_lora is None:
+        return None
+    if getattr(pipe, "transformer_2", None) is not None:
+        raise UserError(
+            f"--teacher_lora {args.teacher_lora!r} with a two-expert teacher "
+            f"({args.pretrained_model_name_or_path}): a Wan 2.2 LoRA holds a file per expert "
+            "and fusing it is not supported",
+            expected="a single-transformer teacher, or no --teacher_lora",
+        )
+    user_lora = None
+    for transformer in teacher_transformers_with_weights(pipe):
+        try:
+            user_lora = fuse_user_lora(
+                transformer,
+                os.path.expanduser(args.teacher_lora),
+                args.teacher_lora_scale,
+                cache_dir=args.cache_dir,
+            )
+        except (ValueError, OSError) as err:
+            raise UserError(
+                f"--teacher_lora {args.teacher_lora!r} could not be fused into the "
+                f"{type(transformer).__name__}: {err}",
+                expected="a diffusers-format LoRA of this base model (save_lora_weights)",
+            ) from err
+    if user_lora is not None:
+        logger.info(
+            "Teacher: %s + LoRA %s at scale %g (%d layers, rank %d)",
+            args.pretrained_model_name_or_path,
+            args.teacher_lora,
+            args.teacher_lora_scale,
+            len(user_lora.layers),
+            user_lora.rank,
+        )
+    return user_lora
 
 
 def cache_data(run: Run, teacher: Teacher) -> TrainingData:

@@ -77,6 +77,9 @@ class Teacher:
     family: Any  # a plugins Family
     pipe: Any  # the diffusers pipeline (transformer, VAE, scheduler; encoders freed later)
     latent_shape: tuple[int, ...]
+    # --teacher_lora, fused into the weights (lora.UserLora; None without it, and on the ranks
+    # that hold no weights under FSDP2)
+    user_lora: Any = None
 
     @property
     def transformers(self) -> list[nn.Module]:
