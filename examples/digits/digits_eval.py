@@ -270,6 +270,23 @@ def student_sigmas(t_list: list[float], steps: int, shift: float = 1.0) -> list[
     return [min(shift * x / (1 + (shift - 1) * x), rungs[0]) for x in u]
 
 
+def student_recipe(output_dir: str | os.PathLike, recipe: str | None = None):
+    """The ``DMDConfig`` the student of ``output_dir`` was trained with: ``recipe`` (a name or
+    a YAML path) if given, else the resolved recipe ``train_dmd2.py`` recorded in
+    ``output_dir/run.json`` (its rungs, ``t_list``, decide the student's sigmas at n steps)."""
+    from fastgen_diffusers import load_config
+    from fastgen_diffusers.config import DMDConfig
+
+    if recipe is not None:
+        return DMDConfig.model_validate(load_config(recipe))
+    record = Path(output_dir) / "run.json"
+    if not record.is_file():
+        raise FileNotFoundError(
+            f"{record} is missing: pass --recipe (the recipe the student was trained with)"
+        )
+    return DMDConfig.model_validate(json.loads(record.read_text())["recipe"])
+
+
 def check_student_output(output_dir: str | os.PathLike) -> Path:
     """``output_dir`` if it holds an exported student (``scheduler/`` and ``transformer/`` or a
     LoRA file), else a ``FileNotFoundError`` that says what is missing."""
@@ -315,7 +332,7 @@ def report(
     output_dir: str | os.PathLike,
     *,
     teacher: str | os.PathLike = DEFAULT_TEACHER,
-    recipe: str = "general/distillation/dmd2_digits_sd3",
+    recipe: str | None = None,
     classifier_path: str | os.PathLike = DEFAULT_CLASSIFIER,
     teacher_steps: list[int] = (28, 4, 2, 1),
     student_steps: list[int] = (1, 2, 4),
@@ -327,11 +344,8 @@ def report(
     ``quality/quality.json`` and ``quality/quality.md`` into ``output_dir``; returns the rows."""
     from diffusers import StableDiffusion3Pipeline
 
-    from fastgen_diffusers import load_config
-    from fastgen_diffusers.config import DMDConfig
-
     check_student_output(output_dir)
-    cfg = DMDConfig.model_validate(load_config(recipe))
+    cfg = student_recipe(output_dir, recipe)
     if cfg.student_sample_steps > 1:
         t_list = list(cfg.sample_t_cfg.t_list)
     else:
@@ -439,8 +453,8 @@ def main() -> None:
     rp.add_argument("--teacher", default=str(DEFAULT_TEACHER))
     rp.add_argument(
         "--recipe",
-        default="general/distillation/dmd2_digits_sd3",
-        help="the recipe the student used",
+        default=None,
+        help="the recipe the student used (default: the one recorded in OUTPUT_DIR/run.json)",
     )
     rp.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER))
     rp.add_argument("--teacher_steps", type=int, nargs="*", default=[28, 4, 2, 1])
