@@ -248,6 +248,15 @@ class DMDConfig(DistillationConfig):
 
     Default values are tuned for Wan 2.2 5B; callers fine-tune them per model.
 
+    Stabilizers from the literature, all off by default (formulas in each field's description):
+    ``guidance_norm`` (per-token velocity norm rescale / clamp of the guided teacher: Qwen-Image
+    true CFG, LightX2V ``cfg_norm``), ``guidance_scale_range`` (per-sample CFG scale),
+    ``ida_ratio`` (implicit distribution alignment), ``isg_weight`` (intra-segment guidance),
+    ``backward_simulation_prob`` (mix of backward simulation and noised real latents) and
+    ``gan_rung_weighting`` (GAN weight per student rung); the last four from SenseFlow (Ge et
+    al., "SenseFlow: Scaling Distribution Matching for Flow-based Text-to-Image Distillation",
+    ICLR 2026, github.com/XingtongGe/SenseFlow).
+
     Example::
 
         cfg = DMDConfig.from_yaml("general/distillation/dmd2_wan22_5b")
