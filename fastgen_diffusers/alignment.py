@@ -95,7 +95,7 @@ def _lora_layers(module: nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _align_lora(fake_score: nn.Module, student: nn.Module, ratio: float) -> None:
+def _align_lora(fake_score: Any, student: Any, ratio: float) -> None:
     # AdapterRole views (lora.py, which this module does not import: it needs peft)
     fake_adapter: str = fake_score.adapter
     student_adapter: str = student.adapter
