@@ -195,7 +195,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
     "dmd2_digits_sd3_4step": {
         "guidance_scale": 2.0,
         "student_sample_steps": 4,
-        "student_sample_type": "sde",
+        "student_sample_type": "ode",
         "backward_simulation": True,
         "sample_t_cfg.shift": 3.0,
         "sample_t_cfg.t_list": [0.999, 0.9, 0.75, 0.5, 0.0],
