@@ -306,3 +306,16 @@ def test_stabilizers_default_off_and_validate():
         DMDConfig(guidance_scale_range=(5.0, 3.0))
     with pytest.raises(ValidationError, match="ida_ratio"):
         DMDConfig(ida_ratio=1.5)
+
+
+def test_model_card_lists_the_stabilizers_that_are_on():
+    from fastgen_diffusers import load_dmd_config
+    from fastgen_diffusers.training.model_card import _recipe_rows
+
+    cfg = load_dmd_config("general/distillation/dmd2_sd35_large")
+    rows = dict(_recipe_rows(cfg, cfg.sample_t_cfg.t_list, "sde"))
+    assert rows["teacher CFG scale per sample"] == "U(3, 10)"
+    assert rows["IDA ratio"] == 0.03 and rows["ISG weight"] == 1.0
+    assert rows["backward simulation"] == "0.5 of the iterations, else real latents"
+    plain = dict(_recipe_rows(DMDConfig(), [0.999, 0.0], "sde"))
+    assert not {"IDA ratio", "ISG weight", "guidance norm", "GAN weight per rung"} & set(plain)
