@@ -284,6 +284,11 @@ def test_backward_simulation_mix_uses_real_latents_on_the_other_iterations():
     assert kinds == {True, False}
     with pytest.raises(ValidationError, match="set backward_simulation: true"):
         DMDConfig(backward_simulation_prob=0.5, **common)
+    # A run that mixes needs a dataset with images; one that always unrolls does not.
+    from fastgen_diffusers.training.preflight import needs_media
+
+    assert needs_media(DMDConfig(backward_simulation=True, backward_simulation_prob=0.5, **common))
+    assert not needs_media(DMDConfig(backward_simulation=True, **common))
 
 
 def test_gan_generator_weight_per_sample():
