@@ -116,8 +116,7 @@ def test_report_takes_the_students_rungs_from_its_run_record(tmp_path):
     assert digits_eval.student_sigmas(t_list, 4) == [0.999, 0.9, 0.75, 0.5]
     assert digits_eval.student_sigmas(t_list, 2) == [0.999, 0.75]
     assert digits_eval.student_sigmas(t_list, 1) == [0.999]
-    # An explicit recipe wins; a folder without a record needs one.
+    # An explicit recipe wins; a folder without a record is taken for the main command's.
     one_step = digits_eval.student_recipe(tmp_path, "general/distillation/dmd2_digits_sd3")
     assert one_step.student_sample_steps == 1
-    with pytest.raises(FileNotFoundError, match="pass --recipe"):
-        digits_eval.student_recipe(tmp_path / "elsewhere")
+    assert digits_eval.student_recipe(tmp_path / "elsewhere") == one_step

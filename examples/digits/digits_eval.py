@@ -46,6 +46,9 @@ DEFAULT_TEACHER = EMBEDDED / "digits-sd3"
 # -- data ---------------------------------------------------------------------------------------
 
 
+DEFAULT_RECIPE = "general/distillation/dmd2_digits_sd3"
+
+
 def load_digits_32() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1797 digits as ``[N, 1, 32, 32]`` float32 in [-1, 1] and their ``[N]`` int64 labels."""
     from sklearn.datasets import load_digits
@@ -273,7 +276,8 @@ def student_sigmas(t_list: list[float], steps: int, shift: float = 1.0) -> list[
 def student_recipe(output_dir: str | os.PathLike, recipe: str | None = None):
     """The ``DMDConfig`` the student of ``output_dir`` was trained with: ``recipe`` (a name or
     a YAML path) if given, else the resolved recipe ``train_dmd2.py`` recorded in
-    ``output_dir/run.json`` (its rungs, ``t_list``, decide the student's sigmas at n steps)."""
+    ``output_dir/run.json`` (its rungs, ``t_list``, decide the student's sigmas at n steps),
+    else the main command's ``dmd2_digits_sd3`` (with a note: a folder without a record)."""
     from fastgen_diffusers import load_config
     from fastgen_diffusers.config import DMDConfig
 
@@ -281,9 +285,8 @@ def student_recipe(output_dir: str | os.PathLike, recipe: str | None = None):
         return DMDConfig.model_validate(load_config(recipe))
     record = Path(output_dir) / "run.json"
     if not record.is_file():
-        raise FileNotFoundError(
-            f"{record} is missing: pass --recipe (the recipe the student was trained with)"
-        )
+        print(f"{record} is missing: assuming {DEFAULT_RECIPE} (pass --recipe otherwise)")
+        return DMDConfig.model_validate(load_config(DEFAULT_RECIPE))
     return DMDConfig.model_validate(json.loads(record.read_text())["recipe"])
 
 
