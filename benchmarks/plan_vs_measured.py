@@ -53,15 +53,18 @@ FLUX = {
     "guidance_embeds": False,
     "axes_dims_rope": [8, 28, 28],
 }
-# (name, config, layout, gradient checkpointing, quantize_base)
+# (name, config, layout, gradient checkpointing, quantize_base, GAN)
 CASES = [
-    ("SD3 220M", SD3, "full", False, "none"),
-    ("SD3 220M", SD3, "full", True, "none"),
-    ("SD3 220M", SD3, "shared_lora", False, "none"),
-    ("SD3 220M", SD3, "shared_lora", True, "none"),
-    ("SD3 220M", SD3, "shared_lora", False, "int8"),
-    ("Flux 100M", FLUX, "shared_lora", False, "none"),
-    ("Flux 100M", FLUX, "separate_lora", True, "none"),
+    ("SD3 220M", SD3, "full", False, "none", True),
+    ("SD3 220M", SD3, "full", True, "none", True),
+    ("SD3 220M", SD3, "shared_lora", False, "none", True),
+    ("SD3 220M", SD3, "shared_lora", True, "none", True),
+    ("SD3 220M", SD3, "shared_lora", False, "int8", True),
+    ("SD3 220M", SD3, "shared_lora", True, "int8", True),
+    ("Flux 100M", FLUX, "shared_lora", False, "none", True),
+    ("Flux 100M", FLUX, "separate_lora", True, "none", True),
+    ("SD3 220M", SD3, "shared_lora", True, "none", False),
+    ("SD3 220M", SD3, "shared_lora", True, "int8", False),
 ]
 HEIGHT = WIDTH = 512  # 64x64 latents: 1024 image tokens
 TEXT = 64
@@ -69,10 +72,10 @@ RANK = 16
 
 
 def _case(index: int, num_layers: int | None) -> tuple:
-    name, config, layout, gc, quant = CASES[index]
+    name, config, layout, gc, quant, gan = CASES[index]
     if num_layers is not None:
         config = {**config, "num_layers": num_layers}
-    return name, config, layout, gc, quant
+    return name, config, layout, gc, quant, gan
 
 
 def measure(index: int, num_layers: int | None = None) -> dict:
@@ -84,7 +87,7 @@ def measure(index: int, num_layers: int | None = None) -> dict:
     from fastgen_diffusers.plugins.registry import family_for_transformer
     from fastgen_diffusers.quantize import quantize_base
 
-    name, config, layout, gc, quant = _case(index, num_layers)
+    name, config, layout, gc, quant, gan = _case(index, num_layers)
     torch.manual_seed(0)
     cls = getattr(diffusers, config["_class_name"])
     family = family_for_transformer(cls)()
@@ -104,11 +107,13 @@ def measure(index: int, num_layers: int | None = None) -> dict:
                 lora_checkpointing(net.module)
             else:
                 net.enable_gradient_checkpointing()
-    family.attach_feature_capture(nets.teacher)
-    disc = family.build_discriminator(nets.teacher)
+    disc = None
+    if gan:
+        family.attach_feature_capture(nets.teacher)
+        disc = family.build_discriminator(nets.teacher)
     cfg = fgd.DMDConfig(
         guidance_scale=2.0,
-        gan_loss_weight_gen=0.03,
+        gan_loss_weight_gen=0.03 if gan else 0.0,
         student_update_freq=2,
         ema={"type": "constant", "decay": 0.99},
     )
@@ -116,8 +121,9 @@ def measure(index: int, num_layers: int | None = None) -> dict:
     opts = {
         "student": torch.optim.AdamW(nets.student.parameters(), lr=1e-5),
         "fake": torch.optim.AdamW(nets.fake_score.parameters(), lr=1e-5),
-        "disc": torch.optim.AdamW(disc.parameters(), lr=1e-5),
     }
+    if disc is not None:
+        opts["disc"] = torch.optim.AdamW(disc.parameters(), lr=1e-5)
     neg = {
         "negative_encoder_hidden_states": torch.zeros_like(ehs),
         "negative_model_kwargs": {"pooled_projections": torch.zeros_like(pooled)},
@@ -137,6 +143,8 @@ def measure(index: int, num_layers: int | None = None) -> dict:
             ].backward()
             opts["fake"].step()
             opts["fake"].zero_grad(set_to_none=True)
+            if disc is None:
+                continue
             pipe.compute_discriminator_loss(latents, noise, ehs, pooled_projections=pooled)[
                 "total"
             ].backward()
@@ -149,7 +157,7 @@ def measure(index: int, num_layers: int | None = None) -> dict:
 def planned(index: int, num_layers: int | None = None) -> dict:
     from fastgen_diffusers.plan import PlanSettings, plan_memory
 
-    name, config, layout, gc, quant = _case(index, num_layers)
+    name, config, layout, gc, quant, gan = _case(index, num_layers)
     settings = PlanSettings(
         layout=layout,
         rank=RANK,
@@ -158,6 +166,7 @@ def planned(index: int, num_layers: int | None = None) -> dict:
         gradient_checkpointing=gc,
         quantize_base=quant,
         text_length=TEXT,
+        gan=gan,
     )
     plan = plan_memory(config, settings)
     return {"planned": plan.peak, "params": plan.num_params}
@@ -197,12 +206,15 @@ def main() -> None:
             print(json.dumps(row))
         return
     gib = 2**30
-    print("| model | layout | checkpointing | base | planned | measured | planned / measured |")
-    print("| --- | --- | --- | --- | ---: | ---: | ---: |")
+    print(
+        "| model | layout | GAN | checkpointing | base | planned | measured | planned / measured |"
+    )
+    print("| --- | --- | --- | --- | --- | ---: | ---: | ---: |")
     for i, row in rows:
-        name, _, layout, gc, quant = CASES[i]
+        name, _, layout, gc, quant, gan = CASES[i]
         print(
-            f"| {name} ({row['params'] / 1e6:.0f}M) | `{layout}` | {'on' if gc else 'off'} | "
+            f"| {name} ({row['params'] / 1e6:.0f}M) | `{layout}` | {'on' if gan else 'off'} | "
+            f"{'on' if gc else 'off'} | "
             f"{quant} | {row['planned'] / gib:.2f} GiB | {row['measured'] / gib:.2f} GiB | "
             f"{row['planned'] / row['measured']:.2f} |"
         )

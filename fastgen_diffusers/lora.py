@@ -65,6 +65,7 @@ __all__ = [
     "default_target_modules",
     "enable_gradient_checkpointing",
     "fuse_student",
+    "lora_weight_names",
     "save_student_lora",
     "student_lora_state_dict",
     "use_adapter",
@@ -72,6 +73,7 @@ __all__ = [
 
 LAYOUTS = ("full", "student_lora", "separate_lora", "shared_lora")
 STUDENT_ADAPTER = "student"
+DEFAULT_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 FAKE_SCORE_ADAPTER = "fake_score"
 
 _STATE_ATTR = "_fastgen_adapter_state"
@@ -133,6 +135,17 @@ def _adapted_model(model: nn.Module) -> nn.Module:
     return modules[-1]
 
 
+def _expert_models(model: nn.Module) -> list[nn.Module]:
+    """The diffusers transformers holding the weights: one, or each expert's for a network of
+    several experts (a module with an ``experts()`` method, e.g. Wan 2.2 A14B's ``WanExperts``),
+    in the order of the pipeline's components."""
+    inner = _adapted_model(model)
+    experts = getattr(inner, "experts", None)
+    if callable(experts):
+        return [_adapted_model(e) for e in experts()]
+    return [inner]
+
+
 def _unknown_family(message: str) -> ValueError:
     from .plugins.registry import registered_families
 
@@ -143,7 +156,7 @@ def _unknown_family(message: str) -> ValueError:
 def default_target_modules(model: nn.Module) -> list[str]:
     """The family's default LoRA targets (``Family.lora_target_modules``): attention
     projections and feed-forwards."""
-    inner = _adapted_model(model)
+    inner = _expert_models(model)[0]
     family = _family_class(inner)
     if family is None:
         raise _unknown_family(
@@ -176,19 +189,20 @@ def add_adapters(model: nn.Module, settings: LoraSettings, names: Sequence[str])
     inner = _adapted_model(model)
     config = settings.peft_config(model)
     for name in names:
-        with warnings.catch_warnings():
-            # peft warns that a second adapter joins the first: that is the point here.
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            if hasattr(inner, "add_adapter") and hasattr(inner, "_hf_peft_config_loaded"):
-                # diffusers models: their own path, which records peft_config for saving
-                inner.add_adapter(copy.deepcopy(config), adapter_name=name)
-            else:
-                inject_adapter_in_model(copy.deepcopy(config), inner, adapter_name=name)
-        if not _adapter_params(inner, name):
-            raise ValueError(
-                f"LoRA target_modules {config.target_modules} matched no layer of "
-                f"{type(inner).__name__}"
-            )
+        for expert in _expert_models(model):  # each expert its own adapter of that name
+            with warnings.catch_warnings():
+                # peft warns that a second adapter joins the first: that is the point here.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                if hasattr(expert, "add_adapter") and hasattr(expert, "_hf_peft_config_loaded"):
+                    # diffusers models: their own path, which records peft_config for saving
+                    expert.add_adapter(copy.deepcopy(config), adapter_name=name)
+                else:
+                    inject_adapter_in_model(copy.deepcopy(config), expert, adapter_name=name)
+            if not _adapter_params(expert, name):
+                raise ValueError(
+                    f"LoRA target_modules {config.target_modules} matched no layer of "
+                    f"{type(expert).__name__}"
+                )
     adapter_ids = set().union(*(_adapter_params(inner, n) for n in names))
     for param in inner.parameters():
         param.requires_grad_(id(param) in adapter_ids)
@@ -223,7 +237,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     model's adapter: the checkpoint records the adapter active at forward time and restores it
     for the recomputation (non-reentrant ``torch.utils.checkpoint`` with ``context_fn``).
     """
-    inner = _adapted_model(model)
+    inner = _adapted_model(model)  # holds the active adapter (of every expert)
 
     def adapter_checkpoint(block: nn.Module, *args: Any) -> Any:
         adapter = getattr(inner, _STATE_ATTR, None)
@@ -234,7 +248,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         return checkpoint(block.__call__, *args, use_reentrant=False, context_fn=context_fn)
 
     adapter_checkpoint._fastgen_adapter_aware = True  # type: ignore[attr-defined]
-    inner.enable_gradient_checkpointing(gradient_checkpointing_func=adapter_checkpoint)
+    for expert in _expert_models(model):
+        expert.enable_gradient_checkpointing(gradient_checkpointing_func=adapter_checkpoint)
 
 
 def _check_checkpointing(model: nn.Module) -> None:
@@ -483,6 +498,8 @@ def student_lora_state_dict(
     student: AdapterRole,
     gathered: Mapping[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    expert: int = 0,
 ) -> dict[str, torch.Tensor]:
     """The student adapter in diffusers' LoRA key format (``...lora_A.weight``, no adapter
     name), on the CPU.
@@ -490,27 +507,48 @@ def student_lora_state_dict(
     ``gathered``: the role's ``state_dict()`` with full tensors (an FSDP2-sharded model's
     adapter gathered onto one process), used instead of the model's own weights.
     ``dtype``: the returned tensors' dtype (default: as trained).
+    ``expert``: for a network of several experts, which one's adapter (0: ``transformer``,
+    1: ``transformer_2``).
     """
-    inner = _adapted_model(student.module)
+    inner = _expert_models(student.module)[expert]
     if gathered is None:
         state = get_peft_model_state_dict(inner, adapter_name=student.adapter)
         return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
     prefix = next(name for name, m in student.module.named_modules() if m is inner)
     prefix = f"{prefix}." if prefix else ""
     tag = f".{student.adapter}."
+    experts = _expert_models(student.module)
+    others = [
+        name
+        for name, m in student.module.named_modules()
+        if m is not inner and any(m is e for e in experts)
+    ]
     out = {}
     for key, value in gathered.items():
+        if any(key.startswith(f"{name}.") for name in others):
+            continue  # another expert's adapter
         if not key.startswith(prefix) or tag not in key:
             raise KeyError(f"{key!r} is not a weight of adapter {student.adapter!r}")
         out[key[len(prefix) :].replace(tag, ".")] = value.detach().to("cpu", dtype).contiguous()
     return out
 
 
-def _lora_metadata(student: AdapterRole) -> dict[str, Any]:
+def _lora_metadata(student: AdapterRole, expert: int = 0) -> dict[str, Any]:
     # The adapter's LoraConfig, as diffusers' own training scripts store it: load_lora_weights
     # rebuilds the adapter (rank, alpha, targets) from it.
-    inner = _adapted_model(student.module)
+    inner = _expert_models(student.module)[expert]
     return inner.peft_config[student.adapter].to_dict()
+
+
+def lora_weight_names(student: AdapterRole) -> list[str]:
+    """The file names :func:`save_student_lora` writes: ``pytorch_lora_weights.safetensors``,
+    and for a second expert (Wan 2.2 A14B's ``transformer_2``)
+    ``pytorch_lora_weights_transformer_2.safetensors``, loaded with
+    ``pipe.load_lora_weights(folder, weight_name=..., load_into_transformer_2=True)``."""
+    names = [DEFAULT_LORA_WEIGHT_NAME]
+    for i in range(1, len(_expert_models(student.module))):
+        names.append(f"pytorch_lora_weights_transformer_{i + 1}.safetensors")
+    return names
 
 
 def save_student_lora(
@@ -524,27 +562,41 @@ def save_student_lora(
     with its adapter metadata (rank, alpha, targets). The file is written under a temporary
     name and renamed, so an interrupted save leaves no partial file. Returns the file's path.
     ``gathered``, ``dtype``: see :func:`student_lora_state_dict`.
+
+    A student of several experts (Wan 2.2 A14B) writes one file per expert, each in the format
+    for ``transformer`` (``weight_name`` for the first, :func:`lora_weight_names` for the
+    others; the second loads with ``load_into_transformer_2=True``); the first path is returned.
     """
-    inner = _adapted_model(student.module)
-    family = _family_class(inner)
-    if family is None:
-        raise _unknown_family(f"No diffusers LoRA format for {type(inner).__name__}")
-    loader = family.lora_loader_class
+    names = lora_weight_names(student)
+    names[0] = weight_name
     os.makedirs(save_directory, exist_ok=True)
-    final = os.path.join(save_directory, weight_name)
-    with atomic_path(final) as tmp:  # diffusers writes <save_directory>/<weight_name>
-        loader.save_lora_weights(
-            str(tmp.parent),
-            transformer_lora_layers=student_lora_state_dict(student, gathered, dtype),
-            transformer_lora_adapter_metadata=_lora_metadata(student),
-            weight_name=tmp.name,
-        )
-    return final
+    for expert, name in enumerate(names):
+        inner = _expert_models(student.module)[expert]
+        family = _family_class(inner)
+        if family is None:
+            raise _unknown_family(f"No diffusers LoRA format for {type(inner).__name__}")
+        final = os.path.join(save_directory, name)
+        with atomic_path(final) as tmp:  # diffusers writes <save_directory>/<weight_name>
+            family.lora_loader_class.save_lora_weights(
+                str(tmp.parent),
+                transformer_lora_layers=student_lora_state_dict(
+                    student, gathered, dtype, expert=expert
+                ),
+                transformer_lora_adapter_metadata=_lora_metadata(student, expert),
+                weight_name=tmp.name,
+            )
+    return os.path.join(save_directory, names[0])
 
 
 def fuse_student(student: AdapterRole) -> nn.Module:
     """A plain diffusers transformer with the student adapter merged into its weights (a copy:
     the training model is left as it is). Save it with ``save_pretrained``."""
+    experts = _expert_models(student.module)
+    if len(experts) > 1:
+        raise ValueError(
+            f"fuse_student merges one transformer; this student has {len(experts)} experts: "
+            "export it with save_student_lora (one file per expert)"
+        )
     inner = _adapted_model(student.module)
     fused = copy.deepcopy(inner)
     detach_feature_capture(fused)

@@ -479,18 +479,11 @@ class _Planner:
         if shard > 1:
             lines["FSDP2 unsharded blocks (2)"] = 2 * self._largest_block(base) * weight_size
         if s.quantize_base != "none" and not full_copy_quantized:
-            # torchao's weight-only int8 linear multiplies by a full-precision copy of the
-            # weight, which autograd keeps for the input gradient: every quantized layer of a
-            # forward with grad (student; teacher with GAN) holds one until the backward, or
-            # only the recomputed block's under gradient checkpointing.
-            checkpointed = {
-                "student": s.gradient_checkpointing,
-                "teacher": s.gradient_checkpointing and s.layout == "shared_lora",
-            }
-            held = 0
-            for role in ("student", "teacher") if s.gan else ("student",):
-                held += self._largest_block(base, quantized) if checkpointed[role] else quantized
-            lines["full-precision weight copies (int8 base)"] = held * weight_size
+            # A quantized layer dequantizes its weight for each matmul (forward, and again in
+            # backward: FrozenQuantizedLinear keeps no copy for the input gradient), so one
+            # layer's full-precision weight is alive at a time.
+            largest = max((m.weight.numel() for _, m in quantizable_linears(base)), default=0)
+            lines["dequantized weight (one layer)"] = largest * weight_size
         student_role = "full" if s.layout == "full" else "lora"
         act_s = self.activations(s, student_role)
         act_t = self.activations(s, "frozen")
@@ -533,16 +526,10 @@ class _Planner:
             return 0
 
     @staticmethod
-    def _largest_block(model: nn.Module, quantized_only: int = 0) -> int:
-        """Parameters of the largest block (``quantized_only``: of its nn.Linear weights)."""
+    def _largest_block(model: nn.Module) -> int:
+        """Parameters of the largest repeated block."""
         sizes = [
-            sum(
-                m.weight.numel() if quantized_only else 0
-                for m in block.modules()
-                if isinstance(m, nn.Linear)
-            )
-            if quantized_only
-            else sum(p.numel() for p in block.parameters())
+            sum(p.numel() for p in block.parameters())
             for name in ("transformer_blocks", "single_transformer_blocks", "blocks")
             for block in getattr(model, name, [])
         ]

@@ -7,6 +7,12 @@ GPU with fp8 support); peft 0.21 then wraps them in ``TorchaoLoraLinear`` and tr
 and fake-score adapters in full precision on top. Embedders, norms and the output projection
 stay in the weights' dtype.
 
+The quantized layers run through :class:`FrozenQuantizedLinear`: torchao's weight-only linear
+multiplies by a full-precision copy of the weight, and autograd would keep that copy for the input
+gradient (every block, in every forward with a graph: more memory than the unquantized base).
+The layer instead dequantizes the weight again in its backward and keeps nothing but the int8
+tensor.
+
 Why torchao: peft 0.21 trains LoRA over its int8 weights (``peft/tuners/lora/torchao.py``), it
 runs on the CPU (so the tests exercise the real layers), and it installs from PyPI without
 pulling another torch. bitsandbytes' 8-bit / NF4 layers need CUDA, and peft refuses torchao's
@@ -26,9 +32,11 @@ import importlib.util
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "FrozenQuantizedLinear",
     "QUANTIZE_CHOICES",
     "QUANTIZED_LAYOUTS",
     "check_quantize_base",
@@ -81,6 +89,35 @@ def check_quantize_base(value: str, layout: str) -> None:
         )
 
 
+class _QuantizedLinearFunction(torch.autograd.Function):
+    """``F.linear`` over a frozen quantized weight whose backward dequantizes again instead of
+    keeping the dequantized copy alive between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # type: ignore[override]
+        # The weight is frozen and never modified in place: a plain reference is enough.
+        ctx.weight = weight
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        weight = ctx.weight.dequantize().to(grad.dtype)
+        return grad.matmul(weight), None, None
+
+
+class FrozenQuantizedLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight is a frozen torchao quantized tensor: the same output as
+    ``F.linear``, with only the quantized weight (not a full-precision copy) held for backward.
+    :func:`quantize_base` gives the quantized layers this class."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
+            return F.linear(x, self.weight, self.bias)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return F.linear(x, self.weight, self.bias)
+        return _QuantizedLinearFunction.apply(x, self.weight, self.bias)
+
+
 def quantizable_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
     """The ``nn.Linear`` layers inside the transformer's repeated blocks (what
     :func:`quantize_base` stores quantized), with their names."""
@@ -104,6 +141,9 @@ def quantize_base(model: nn.Module, method: str) -> int:
     # The weights are frozen: no autograd history to keep through the conversion.
     with torch.no_grad():
         quantize_(model, config, filter_fn=lambda m, _fqn: id(m) in chosen)
+    for _, module in quantizable_linears(model):
+        if id(module) in chosen:
+            module.__class__ = FrozenQuantizedLinear
     return len(chosen)
 
 

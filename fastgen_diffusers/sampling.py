@@ -15,7 +15,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -112,12 +112,15 @@ def sample_teacher(
     model_kwargs: dict[str, Any] | None = None,
     negative_model_kwargs: dict[str, Any] | None = None,
     num_train_timesteps: int | None = None,
+    guidance_scale_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Euler integration of the teacher's flow from ``sigmas[0]`` to ``sigmas[-1]`` (use 0.0).
 
     ``x`` starts as ``noise`` (as stock pipelines do). With ``guidance_scale`` the conditional
-    and unconditional predictions are combined as ``uncond + s (cond - uncond)``. Returns the
-    final latents (x0 when the schedule ends at 0).
+    and unconditional predictions are combined as ``uncond + s (cond - uncond)``;
+    ``guidance_scale_fn`` (``t [B] -> scales [B]``) replaces ``s`` per sample and step (a
+    two-expert Wan teacher's ``guidance_scale`` / ``guidance_scale_2``). Returns the final
+    latents (x0 when the schedule ends at 0).
     """
     sigmas = [float(s) for s in sigmas]
     if len(sigmas) < 2:
@@ -152,7 +155,10 @@ def sample_teacher(
                 num_train_timesteps=num_train_timesteps,
             )
             flow_neg = convert_prediction(raw_neg, x, t, from_type=pred_type, to_type="flow")
-            flow = classifier_free_guidance(flow, flow_neg, guidance_scale)
+            scale: float | torch.Tensor = guidance_scale
+            if guidance_scale_fn is not None:
+                scale = guidance_scale_fn(t).to(flow.dtype).view(-1, *([1] * (flow.ndim - 1)))
+            flow = classifier_free_guidance(flow, flow_neg, scale)
         # Euler in fp32 like diffusers' FlowMatchEulerDiscreteScheduler.step.
         x = (x.float() + (s_next - s_cur) * flow.float()).to(noise.dtype)
     return x

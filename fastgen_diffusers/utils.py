@@ -56,9 +56,11 @@ def classifier_free_guidance(
 ) -> torch.Tensor:
     """DMD2-convention classifier-free guidance: ``cond + (s - 1) * (cond - uncond)``.
 
+    ``guidance_scale`` is a number or a tensor of per-sample scales, ``[B]`` or
+    ``[B, 1, ...]``.
+
     Equivalent to the usual ``uncond + s * (cond - uncond)``; written this way so that
     ``s = 1`` returns ``cond`` exactly. Applied to x0 predictions by :class:`DMDPipeline`.
-    ``guidance_scale`` may be a per-sample ``[B]`` tensor.
     """
     if cond.shape != uncond.shape:
         raise ValueError(

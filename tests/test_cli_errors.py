@@ -203,6 +203,7 @@ CASES = [
     ("seed_negative", {"--seed": ["-1"]}, ["--seed", "-1"]),
     ("max_grad_norm_negative", {"--max_grad_norm": ["-1"]}, ["--max_grad_norm", "-1.0"]),
     ("flux_guidance_negative", {"--flux_guidance": ["-1"]}, ["--flux_guidance", "-1.0"]),
+    ("guidance_scale_2_below_1", {"--guidance_scale_2": ["0.5"]}, ["--guidance_scale_2", "0.5"]),
     ("empty_validation_prompt", {"--validation_prompts": ["a cat", " "]}, ["prompt 2 of 2"]),
     ("lora_layout_unknown", {"--lora_layout": ["bogus"]}, ["--lora_layout", "'bogus'"]),
     ("lora_targets_empty_name", {"--lora_target_modules": ["to_q,,to_k"]}, ["to_q,,to_k"]),
@@ -256,6 +257,11 @@ CASES = [
         ["'nobody/no-such-model'", "offline"],
     ),
     ("flux_guidance_on_sd3", {"--flux_guidance": ["3.5"]}, ["--flux_guidance", "Flux teachers"]),
+    (
+        "guidance_scale_2_on_sd3",
+        {"--guidance_scale_2": ["3.0"]},
+        ["--guidance_scale_2 3.0", "two-expert", "one transformer"],
+    ),
     ("height_not_multiple", {"--height": ["18"]}, ["--height 18", "multiple of 4", "16 or 20"]),
     ("width_not_multiple", {"--width": ["25"]}, ["--width 25", "multiple of 4"]),
     (

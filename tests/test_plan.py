@@ -144,6 +144,46 @@ def test_int8_base_trains_and_keeps_its_weights():
     assert changed
 
 
+def test_int8_layer_keeps_no_full_precision_weight_for_backward():
+    # torchao's linear dequantizes the weight and autograd would keep that copy until the
+    # backward; FrozenQuantizedLinear must keep nothing weight-sized, under peft's LoRA layer too,
+    # and give the gradients of the dequantized weight's linear.
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from fastgen_diffusers.quantize import FrozenQuantizedLinear, quantize_base
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(256, 128)])
+    model.requires_grad_(False)
+    quantize_base(model, "int8")
+    layer = model.transformer_blocks[0]
+    assert isinstance(layer, FrozenQuantizedLinear)
+    dequantized = layer.weight.dequantize()
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["0"], init_lora_weights=False), model)
+    lora = model.transformer_blocks[0]
+    x = torch.randn(8, 256, requires_grad=True)
+    saved: list[torch.Size] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lora(x)
+    assert all(shape.numel() < dequantized.numel() for shape in saved), saved
+    y.square().sum().backward()
+    got_x, got_a = x.grad.clone(), lora.lora_A["default"].weight.grad.clone()
+    x.grad = None
+    lora.lora_A["default"].weight.grad = None
+    base = torch.nn.functional.linear(x, dequantized, layer.bias)
+    delta = lora.lora_B["default"](lora.lora_A["default"](x)) * lora.scaling["default"]
+    (base + delta).square().sum().backward()
+    # fp32 sums of 8 x 128 products in another order: 1e-5 of each gradient's largest entry.
+    for got, want in ((got_x, x.grad), (got_a, lora.lora_A["default"].weight.grad)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
 def test_int8_shared_lora_resumes_exactly_and_exports_to_the_stock_pipeline(tiny, tmp_path):
     from diffusers import StableDiffusion3Pipeline
     from safetensors.torch import load_file

@@ -86,6 +86,23 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "sample_t_cfg.t_list": [0.999, 0.833, 0.0],
         **EMA,
     },
+    "dmd2_wan22_a14b_t2v": {
+        "pred_type": "flow",
+        "num_train_timesteps": None,
+        "guidance_scale": 4.0,
+        "student_sample_steps": 4,
+        "student_sample_type": "ode",
+        "backward_simulation": True,
+        "student_update_freq": 5,
+        "fake_score_pred_type": "x0",
+        "gan_loss_weight_gen": 0.0,
+        "sample_t_cfg.time_dist_type": "shifted",
+        "sample_t_cfg.shift": 5.0,
+        "sample_t_cfg.min_t": 0.001,
+        "sample_t_cfg.max_t": 0.999,
+        "sample_t_cfg.t_list": [1.0, 0.9375, 0.8333333134651184, 0.625, 0.0],
+        **EMA,
+    },
     "dmd2_sd35_medium": {
         "pred_type": "flow",
         "num_train_timesteps": None,
@@ -214,6 +231,8 @@ FAMILY: dict[str, tuple[Any, str | None, tuple[int, ...]]] = {
         wan.default_feature_indices(30),
     ),
     "dmd2_wan21_t2v_14b": (wan, "Wan-AI/Wan2.1-T2V-14B-Diffusers", wan.default_feature_indices(40)),
+    # No GAN branch with two experts: no feature blocks.
+    "dmd2_wan22_a14b_t2v": (wan, "Wan-AI/Wan2.2-T2V-A14B-Diffusers", None),
     "dmd2_sd35_medium": (
         sd3,
         "stabilityai/stable-diffusion-3.5-medium",
@@ -348,3 +367,19 @@ def test_sd35_t_list_is_senseflows_rungs_through_the_shift_3_table():
 def test_qwen_t_list_is_fastgens_default_linspace():
     assert LINSPACE_4 == pytest.approx([0.999, 0.74925, 0.4995, 0.24975, 0.0], abs=1e-12)
     assert all(math.isclose(a - b, 0.999 / 4) for a, b in zip(LINSPACE_4, LINSPACE_4[1:]))
+
+
+def test_wan22_a14b_t_list_is_lightnings_shift_5_schedule_two_rungs_per_expert():
+    """Wan2.2-Lightning: 4 Euler steps at shift 5, two per expert. The stock two-expert
+    pipeline follows the rungs from the exported scheduler config, each on its expert's side of
+    boundary_ratio 0.875."""
+    from fastgen_diffusers.plugins.wan import WanFamily
+    from fastgen_diffusers.plugins.wan_experts import expert_of_rungs
+
+    cfg = fastgen_diffusers.load_dmd_config(PREFIX + "dmd2_wan22_a14b_t2v")
+    t_list = cfg.sample_t_cfg.t_list
+    shifted = [5 * u / (1 + 4 * u) for u in (1.0, 0.75, 0.5, 0.25)]
+    assert t_list[:-1] == pytest.approx(shifted, abs=1e-7)
+    assert expert_of_rungs(t_list, 0.875) == ["high", "high", "low", "low"]
+    config = WanFamily(boundary_ratio=0.875).student_scheduler_config(t_list)
+    assert wan.pipeline_t_list(config, 4) == pytest.approx(t_list, abs=1e-6)

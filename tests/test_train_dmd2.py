@@ -381,6 +381,9 @@ sample_t_cfg:
     )
     rows = losses(out)
     assert "student/gan_gen" in rows[1] and "discriminator/r1" in rows[2]
+    # the monitors' first check, against the images' latents (no prompt pairs at batch 1)
+    assert {"monitor/saturation", "monitor/grad_norm"} <= rows[1].keys()
+    assert "monitor/diversity_prompt" not in rows[1]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert not (out / "transformer").exists()
 
@@ -569,6 +572,62 @@ def test_unreachable_hub_stops_the_run_before_training(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_sd3(tmp_path_factory):
     return save_tiny_sd3(tmp_path_factory.mktemp("bad") / "model")
+
+
+def test_monitors_reach_the_trackers(tiny_sd3, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", "guidance_scale: 2.0\nstudent_update_freq: 2\n")
+    # two rows per prompt in every batch of 4: the per-prompt diversity is defined
+    prompts = write_prompts(tmp_path / "p.jsonl", ["a cat", "a dog"] * 4)
+    out = tmp_path / "out"
+    argv = ["--max_train_steps", "4", "--train_batch_size", "4", "--monitor_every", "2"]
+    train(args_for(tiny_sd3, recipe, prompts, out, *argv, "--report_to", "tensorboard"))
+    rows = losses(out)
+    keys = {
+        "monitor/diversity_prompt",
+        "monitor/diversity_prompt_ref",
+        "monitor/diversity_prompt_ratio",
+        "monitor/diversity_batch_ratio",
+        "monitor/std_ratio",
+        "monitor/saturation",
+        "monitor/ref_saturation",
+        "monitor/vsd_weight",
+        "monitor/vsd_step",
+        "monitor/grad_norm",
+    }
+    for step in (1, 3):  # the student updates (steps 0 and 2), each a check
+        assert keys <= rows[step].keys(), keys - rows[step].keys()
+        assert all(np.isfinite(rows[step][k]) for k in keys)
+    assert not any(k.startswith("monitor/") for k in rows[2])  # fake-score turn: no check
+    # step 0: the student is a copy of the teacher and the reference is the teacher's x0 at
+    # the same noise, so the ratios are 1 up to float rounding
+    assert rows[1]["monitor/diversity_prompt_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert rows[1]["monitor/std_ratio"] == pytest.approx(1.0, abs=1e-5)
+    (events,) = (out / "logs" / "dmd2").glob("events.out.tfevents*")
+    tags = set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    assert keys | {"monitor/alarm/diversity", "monitor/fake_score_trend"} <= tags
+    assert "WARNING collapse monitor" not in capsys.readouterr().out  # 2 checks < patience 3
+
+    off = tmp_path / "off"
+    train(args_for(tiny_sd3, recipe, prompts, off, *argv[:-1], "0"))
+    assert not any(k.startswith("monitor/") for row in losses(off).values() for k in row)
+    with pytest.raises(SystemExit):
+        parse_args(
+            [
+                "--pretrained_model_name_or_path",
+                "m",
+                "--recipe",
+                "r",
+                "--dataset_name",
+                "d",
+                "--monitor_every",
+                "-1",
+            ]
+        )
+    assert "--monitor_every must be >= 0 (0 disables the monitors), got -1" in (
+        capsys.readouterr().err
+    )
 
 
 def test_bad_inputs_give_clear_errors(tiny_sd3, tmp_path):

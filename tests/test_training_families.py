@@ -362,8 +362,12 @@ def test_unsupported_folders_raise_clear_errors(tmp_path):
         "transformer_2": ["diffusers", "WanTransformer3DModel"],
     }
     (a14b / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="two-expert"):
-        family_from_pretrained(a14b)
+    with pytest.raises(ValueError, match="two-expert.*boundary_ratio=None"):
+        family_from_pretrained(a14b)  # transformer_2 would never run
+    (a14b / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.875}))
+    family = family_from_pretrained(a14b)
+    assert family.boundary_ratio == 0.875
+    assert family.transformer_components == ("transformer", "transformer_2")
 
     # A folder holding only a transformer is recognised by its config class.
     bare = tmp_path / "bare" / "transformer"

@@ -242,9 +242,14 @@ def save_tiny_flux(path: str | os.PathLike, *, guidance_embeds: bool = True) -> 
 # -- Wan ----------------------------------------------------------------------------------------
 
 
-def save_tiny_wan(path: str | os.PathLike, *, expand_timesteps: bool = False) -> Path:
+def save_tiny_wan(
+    path: str | os.PathLike, *, expand_timesteps: bool = False, boundary_ratio: float | None = None
+) -> Path:
     """A tiny text-to-video ``WanPipeline``: 2-layer transformer, umT5 encoder, a Wan VAE with
     the 8x spatial / 4x temporal factors of the real one (4 latent channels).
+
+    ``boundary_ratio`` (e.g. 0.875): a Wan 2.2 A14B-style two-expert pipeline, ``transformer_2``
+    (the low-noise expert) of the same architecture with other weights.
 
     The scheduler is ``FlowMatchEulerDiscreteScheduler(shift=3.0)`` (the released checkpoints
     ship UniPC), so that an Euler sampler can reproduce the pipeline step for step.
@@ -266,6 +271,10 @@ def save_tiny_wan(path: str | os.PathLike, *, expand_timesteps: bool = False) ->
             num_layers=2,
             rope_max_seq_len=32,
         ).eval()
+        transformer_2 = None
+        if boundary_ratio is not None:
+            torch.manual_seed(3)
+            transformer_2 = WanTransformer3DModel.from_config(transformer.config).eval()
         torch.manual_seed(1)
         vae = AutoencoderKLWan(
             base_dim=4,
@@ -295,6 +304,11 @@ def save_tiny_wan(path: str | os.PathLike, *, expand_timesteps: bool = False) ->
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
             transformer=transformer,
             expand_timesteps=expand_timesteps,
+            **(
+                {"transformer_2": transformer_2, "boundary_ratio": boundary_ratio}
+                if boundary_ratio is not None
+                else {}
+            ),
         )
     return _save(pipe, path)
 

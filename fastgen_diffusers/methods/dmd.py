@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -115,9 +115,18 @@ class DMDPipeline(DistillationPipeline):
             doubled batch (same numbers, one launch). Every Tensor in ``model_kwargs`` must then
             have the batch as its first dimension. With the GAN branch the student step keeps
             the two passes apart: only the conditional one needs a graph.
+        guidance_scale_fn: per-sample CFG scales: maps the teacher's ``t`` ``[B]`` to scales
+            ``[B]`` (each >= 1), used instead of the scalar whenever CFG is on (the config's or
+            the call's ``guidance_scale`` is not ``None``). E.g. a two-expert teacher's
+            ``guidance_scale`` / ``guidance_scale_2`` (``WanExperts.guidance_scales`` in
+            :mod:`fastgen_diffusers.plugins.wan_experts`).
     """
 
     config: DMDConfig
+    # Monitors (fastgen_diffusers.monitors): when set, compute_student_loss keeps its tensors
+    # (detached) in last_student_step: student input and t, gen, teacher and fake-score x0.
+    record_student_step: bool = False
+    last_student_step: dict[str, torch.Tensor] | None = None
 
     def __init__(
         self,
@@ -128,6 +137,7 @@ class DMDPipeline(DistillationPipeline):
         *,
         discriminator: nn.Module | None = None,
         batch_cfg: bool = False,
+        guidance_scale_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(config, DMDConfig):
             raise TypeError(f"config must be a DMDConfig, got {type(config).__name__}")
@@ -140,6 +150,7 @@ class DMDPipeline(DistillationPipeline):
         self.fake_score = fake_score
         self.discriminator = discriminator
         self.batch_cfg = batch_cfg
+        self.guidance_scale_fn = guidance_scale_fn
         self._iteration = 0
         self._data_parallel: tuple[int, int] | None = None
         self._sample_cache: tuple[tuple[Any, ...], torch.Tensor, Any] | None = None
@@ -414,7 +425,10 @@ class DMDPipeline(DistillationPipeline):
                     )
         teacher_x0 = cond
         if guidance_scale is not None:
-            teacher_x0 = classifier_free_guidance(cond, uncond, guidance_scale)
+            scale: float | torch.Tensor = guidance_scale
+            if self.guidance_scale_fn is not None:
+                scale = self._per_sample_scale(t, cond)
+            teacher_x0 = classifier_free_guidance(cond, uncond, scale)
             if self.config.guidance_norm is not None:
                 teacher_x0 = normalize_guidance(
                     teacher_x0.detach(),
@@ -424,6 +438,17 @@ class DMDPipeline(DistillationPipeline):
                     self.config.guidance_norm_clamp,
                 )
         return teacher_x0.detach(), (features if capture is not None else None)
+
+    def _per_sample_scale(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        assert self.guidance_scale_fn is not None
+        scale = torch.as_tensor(self.guidance_scale_fn(t), device=like.device)
+        if scale.shape != (like.shape[0],):
+            raise ValueError(
+                f"guidance_scale_fn must return one scale per sample, shape ({like.shape[0]},), "
+                f"got {tuple(scale.shape)}"
+            )
+        # Broadcast over the sample's dimensions; the CFG arithmetic stays in cond's dtype.
+        return scale.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
     def _draw_guidance_scale(self, batch: int, device: torch.device) -> torch.Tensor:
         """Per-sample CFG scales from ``U(*guidance_scale_range)`` (drawn for the global
@@ -568,6 +593,14 @@ class DMDPipeline(DistillationPipeline):
             )
 
         vsd = vsd_loss(gen, teacher_x0, fake_x0)
+        if self.record_student_step:
+            self.last_student_step = {
+                "student_input": x_in.detach(),
+                "student_t": t_in,
+                "gen": gen.detach(),
+                "teacher_x0": teacher_x0,
+                "fake_x0": fake_x0,
+            }
         losses = {"vsd": vsd}
         total = vsd
         if cfg.isg_weight > 0:
@@ -675,6 +708,21 @@ class DMDPipeline(DistillationPipeline):
         r1 = r1_loss(real_logits, self.discriminator(perturbed_features))
         total = gan_disc + cfg.gan_r1_reg_weight * r1
         return {"gan_disc": gan_disc, "r1": r1, "total": total}
+
+    def teacher_x0_at_student_input(
+        self, encoder_hidden_states: torch.Tensor | None = None, **model_kwargs: Any
+    ) -> torch.Tensor:
+        """The teacher's conditional x0 (no CFG, no grad) at the input of the last recorded
+        student step (``record_student_step``): what the teacher predicts from the same noise.
+        Pass the conditioning that step used."""
+        if self.last_student_step is None:
+            raise RuntimeError(
+                "teacher_x0_at_student_input needs a recorded student step: set "
+                "record_student_step = True before compute_student_loss"
+            )
+        x, t = self.last_student_step["student_input"], self.last_student_step["student_t"]
+        with torch.no_grad():
+            return self._predict_x0(self.teacher, x, t, encoder_hidden_states, model_kwargs)
 
     def update_ema(self, *, iteration: int | None = None) -> None:
         """Update the student EMA (no-op without ``config.ema``); call after the student step.

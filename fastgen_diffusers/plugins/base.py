@@ -157,6 +157,22 @@ class Family(ABC):
         """The plugin wrapper around ``transformer`` (``model(hidden_states=x_t, timestep=t in
         [0, 1], **cond)``), configured by the family's constructor options."""
 
+    @property
+    def transformer_components(self) -> tuple[str, ...]:
+        """The pipeline components holding the denoiser's weights, in the order
+        :meth:`wrap_transformers` takes them (``("transformer",)``; Wan 2.2 A14B adds
+        ``"transformer_2"``)."""
+        return ("transformer",)
+
+    def wrap_transformers(self, transformers: Sequence[nn.Module]) -> nn.Module:
+        """The teacher network from the modules of :attr:`transformer_components` (in that
+        order): :meth:`wrap` of the one transformer unless the family has several."""
+        if len(transformers) != 1:
+            raise ValueError(
+                f"{type(self).__name__} wraps one transformer, got {len(transformers)}"
+            )
+        return self.wrap(transformers[0])
+
     def default_size(self, pipe: DiffusionPipeline) -> tuple[int, int]:
         """``(height, width)`` the stock pipeline generates when none is given
         (``default_sample_size * vae_scale_factor`` for the image pipelines)."""

@@ -82,6 +82,7 @@ from .common import (
     tokens_to_map,
 )
 from .registry import register_family
+from .wan_experts import WanExperts, check_expert_sides
 from .wan_schedule import (
     NUM_TRAIN_TIMESTEPS,
     closest_reachable_t_list,
@@ -710,6 +711,11 @@ class WanFamily(Family):
         expand_timesteps: the pipeline's ``expand_timesteps`` (Wan 2.2 TI2V-5B: per-token
             timesteps); :func:`~fastgen_diffusers.plugins.family_from_pretrained` reads it from
             ``model_index.json``.
+        boundary_ratio: set for a two-expert Wan 2.2 A14B pipeline (``transformer_2``; 0.875
+            for T2V): the family's networks are then
+            :class:`~fastgen_diffusers.plugins.wan_experts.WanExperts` of ``transformer`` and
+            ``transformer_2`` (:meth:`wrap_transformers`), and :meth:`student_scheduler_config`
+            also checks that each rung stays on its expert's side of the boundary.
 
     Example::
 
@@ -737,29 +743,46 @@ class WanFamily(Family):
     normalize_latents = staticmethod(normalize_latents)
     denormalize_latents = staticmethod(denormalize_latents)
     attach_feature_capture = staticmethod(attach_feature_capture)
-    student_scheduler_config = staticmethod(student_scheduler_config)
     stock_pipeline_kwargs = staticmethod(stock_pipeline_kwargs)
     _discriminator = staticmethod(build_discriminator)
     _latent_shape = staticmethod(latent_shape)
 
-    def __init__(self, expand_timesteps: bool = False) -> None:
+    def __init__(self, expand_timesteps: bool = False, boundary_ratio: float | None = None) -> None:
         self.expand_timesteps = bool(expand_timesteps)
+        if boundary_ratio is not None and not 0.0 < float(boundary_ratio) < 1.0:
+            raise ValueError(f"boundary_ratio must be in (0, 1) or None, got {boundary_ratio}")
+        self.boundary_ratio = None if boundary_ratio is None else float(boundary_ratio)
 
     def __repr__(self) -> str:
-        return f"WanFamily(expand_timesteps={self.expand_timesteps})"
+        extra = "" if self.boundary_ratio is None else f", boundary_ratio={self.boundary_ratio}"
+        return f"WanFamily(expand_timesteps={self.expand_timesteps}{extra})"
+
+    @property
+    def transformer_components(self) -> tuple[str, ...]:
+        """Wan 2.2 A14B (``boundary_ratio`` set): the high-noise ``transformer`` and the
+        low-noise ``transformer_2``."""
+        if self.boundary_ratio is None:
+            return ("transformer",)
+        return ("transformer", "transformer_2")
 
     @classmethod
     def options_from_model_index(cls, index: Mapping[str, Any], path: str) -> dict[str, Any]:
+        options: dict[str, Any] = {"expand_timesteps": bool(index.get("expand_timesteps", False))}
         if (index.get("transformer_2") or [None, None])[1] is not None:
-            raise ValueError(
-                f"{path} is a two-expert Wan 2.2 pipeline (transformer_2 is set): distilling "
-                "it into one student is not supported; use a single-transformer WanPipeline"
-            )
-        return {"expand_timesteps": bool(index.get("expand_timesteps", False))}
+            boundary = index.get("boundary_ratio")
+            if boundary is None or (index.get("transformer") or [None, None])[1] is None:
+                raise ValueError(
+                    f"{path} is a two-expert Wan 2.2 pipeline (transformer_2 is set) with "
+                    f"boundary_ratio={boundary} and transformer="
+                    f"{(index.get('transformer') or [None, None])[1]}: expected both experts and "
+                    "a boundary_ratio (0.875 for Wan2.2-T2V-A14B)"
+                )
+            options["boundary_ratio"] = float(boundary)
+        return options
 
     def load_pipeline(self, path: str | os.PathLike, **kwargs: Any) -> Any:
-        """:meth:`Family.load_pipeline`, refusing a checkpoint whose ``expand_timesteps``
-        differs from this family's."""
+        """:meth:`Family.load_pipeline`, refusing a checkpoint whose ``expand_timesteps`` or
+        ``boundary_ratio`` differ from this family's."""
         pipe = super().load_pipeline(path, **kwargs)
         loaded = bool(getattr(pipe.config, "expand_timesteps", False))
         if loaded != self.expand_timesteps:
@@ -767,10 +790,44 @@ class WanFamily(Family):
                 f"{path} has expand_timesteps={loaded}, this WanFamily expand_timesteps="
                 f"{self.expand_timesteps}: build the family with family_from_pretrained(path)"
             )
+        boundary = getattr(pipe.config, "boundary_ratio", None)
+        if getattr(pipe, "transformer_2", None) is None:
+            boundary = None  # a single-expert pipeline, whatever its config says
+        if boundary != self.boundary_ratio:
+            raise ValueError(
+                f"{path} has boundary_ratio={boundary}, this WanFamily boundary_ratio="
+                f"{self.boundary_ratio}: build the family with family_from_pretrained(path)"
+            )
         return pipe
 
     def wrap(self, transformer: nn.Module) -> WanWrapper:
         return WanWrapper(transformer, expand_timesteps=self.expand_timesteps)
+
+    def wrap_transformers(self, transformers: Sequence[nn.Module]) -> nn.Module:
+        """One expert: :meth:`wrap`. Wan 2.2 A14B: a :class:`~.wan_experts.WanExperts` of the
+        wrapped ``transformer`` (high noise) and ``transformer_2`` (low noise)."""
+        if self.boundary_ratio is None:
+            return super().wrap_transformers(transformers)
+        if len(transformers) != 2:
+            raise ValueError(
+                f"a two-expert WanFamily wraps 2 transformers (transformer, transformer_2), "
+                f"got {len(transformers)}"
+            )
+        high, low = (self.wrap(t) for t in transformers)
+        return WanExperts(high, low, self.boundary_ratio)
+
+    def student_scheduler_config(
+        self,
+        t_list: Sequence[float],
+        sample_type: str = "ode",
+        base_config: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """:func:`~.wan_schedule.student_scheduler_config`; with two experts the pipeline must
+        also send each rung to the expert that trained it (same side of the boundary)."""
+        config = student_scheduler_config(t_list, sample_type, base_config)
+        if self.boundary_ratio is not None:
+            check_expert_sides(t_list, config, self.boundary_ratio)
+        return config
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         return 480, 832  # WanPipeline.__call__'s defaults
@@ -801,10 +858,31 @@ class WanFamily(Family):
         return super().teacher_sigmas(scheduler, num_steps, latent_shape)
 
     def card_notes(self, *, base_model: str, lora: bool) -> str:
+        if self.boundary_ratio is None:
+            experts = (
+                "For a Wan 2.2 A14B base model also pass `transformer_2=None, "
+                "boundary_ratio=None` to `from_pretrained`."
+            )
+        else:
+            weights = (
+                "`pytorch_lora_weights.safetensors` (high noise, into `transformer`) and "
+                "`pytorch_lora_weights_transformer_2.safetensors` (low noise, loaded with "
+                "`load_into_transformer_2=True`)"
+                if lora
+                else "`transformer/` (high noise) and `transformer_2/` (low noise)"
+            )
+            experts = (
+                "The student keeps the base model's two experts: "
+                f"{weights}. The pipeline switches from the first to the second at "
+                f"`boundary_ratio = {self.boundary_ratio:g}` (timestep "
+                f"{self.boundary_ratio * NUM_TRAIN_TIMESTEPS:g}), and each of the student's steps "
+                "was trained on the expert the pipeline runs it with: keep the shipped scheduler "
+                "and the base model's `boundary_ratio`. `guidance_scale=1.0` also turns off "
+                "`guidance_scale_2`."
+            )
         return (
             "Wan pipelines take no `sigmas`: the student's schedule lives entirely in the shipped "
-            "scheduler config, so only `num_inference_steps` is passed. For a Wan 2.2 A14B base "
-            "model also pass `transformer_2=None, boundary_ratio=None` to `from_pretrained`.\n\n"
+            f"scheduler config, so only `num_inference_steps` is passed. {experts}\n\n"
             "Loading that scheduler may log \"The config attributes {'sigma_max': ..., "
             "'sigma_min': ...} were passed to FlowMatchEulerDiscreteScheduler, but are not "
             'expected and will be ignored". The warning is harmless and the keys are needed: '

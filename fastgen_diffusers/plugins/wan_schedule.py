@@ -244,8 +244,9 @@ def student_scheduler_config(
     with ``FlowMatchEulerDiscreteScheduler.from_config`` / ``from_pretrained`` (not
     ``FlowMatchEulerDiscreteScheduler(**config)``, which rejects ``sigma_max``); ship it as
     ``scheduler/scheduler_config.json`` with ``model_index.json`` naming
-    ``["diffusers", "FlowMatchEulerDiscreteScheduler"]``. For a Wan 2.2 A14B pipeline the
-    student replaces ``transformer`` and ``boundary_ratio`` / ``transformer_2`` must be unset.
+    ``["diffusers", "FlowMatchEulerDiscreteScheduler"]``. A one-transformer student of a Wan 2.2
+    A14B pipeline replaces ``transformer`` with ``boundary_ratio`` / ``transformer_2`` unset; a
+    two-expert student (``WanFamily(boundary_ratio=...).student_scheduler_config``) keeps both.
     """
     values = validate_t_list(t_list)
     validate_sample_type(sample_type)

@@ -60,6 +60,7 @@ class TrainingArguments:
     recipe: str
     recipe_overrides: dict[str, Any]
     flux_guidance: float | None
+    guidance_scale_2: float | None
     max_sequence_length: int | None
     # data
     dataset_name: str | None
@@ -123,6 +124,7 @@ class TrainingArguments:
     report_to: str
     logging_dir: str
     tracker_project_name: str
+    monitor_every: int
     allow_resume_changes: bool
     # Hub
     push_to_hub: bool
@@ -242,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Flux only: the embedded guidance value the student learns at (default: 3.5 for "
         "guidance-distilled checkpoints such as FLUX.1-dev).",
+    )
+    model.add_argument(
+        "--guidance_scale_2",
+        type=float,
+        default=None,
+        help="Two-expert Wan 2.2 A14B teachers only: the teacher's CFG scale for the low-noise "
+        "expert (transformer_2), as WanPipeline's guidance_scale_2; the recipe's guidance_scale "
+        "is the high-noise expert's (default: the recipe's guidance_scale for both).",
     )
     model.add_argument(
         "--max_sequence_length",
@@ -557,6 +567,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Project name of the trackers (the wandb project, the tensorboard sub-folder).",
     )
     logs.add_argument(
+        "--monitor_every",
+        type=int,
+        default=50,
+        help="Collapse and saturation monitors (fastgen_diffusers.monitors): sample diversity "
+        "per prompt, latent statistics and saturation, VSD weight, gradient norm and fake-score "
+        "loss trend, logged on the first student update of every N iterations, with one warning "
+        "per diagnostic that stays past its threshold (0 disables them).",
+    )
+    logs.add_argument(
         "--allow_resume_changes",
         action="store_true",
         help="Resume even when the recipe, layout, family, model or global batch differ from "
@@ -644,6 +663,10 @@ def check_arguments(args: TrainingArguments | argparse.Namespace) -> None:
             continue
         if value < 1:
             raise UserError(f"--{name} must be >= 1, got {value}")
+    if args.monitor_every < 0:
+        raise UserError(
+            f"--monitor_every must be >= 0 (0 disables the monitors), got {args.monitor_every}"
+        )
     if args.lr_warmup_steps < 0:
         raise UserError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
     if not 0 <= args.seed < 2**32:
@@ -676,6 +699,13 @@ def check_arguments(args: TrainingArguments | argparse.Namespace) -> None:
     _require(0 <= args.lora_dropout < 1, "--lora_dropout", args.lora_dropout, "a value in [0, 1)")
     if args.lora_alpha is not None:
         _require(args.lora_alpha > 0, "--lora_alpha", args.lora_alpha, "a value > 0")
+    if args.guidance_scale_2 is not None:
+        _require(
+            math.isfinite(args.guidance_scale_2) and args.guidance_scale_2 >= 1,
+            "--guidance_scale_2",
+            args.guidance_scale_2,
+            "a value >= 1 (1.0 = conditional only; Wan2.2-T2V-A14B's pipeline example: 3.0)",
+        )
     if args.flux_guidance is not None:
         _require(
             math.isfinite(args.flux_guidance) and args.flux_guidance >= 0,

@@ -10,8 +10,9 @@ Example::
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import nn
@@ -19,7 +20,13 @@ if TYPE_CHECKING:
     from ..plugins.base import Family
     from .state import Run, Teacher, Trainer
 
-__all__ = ["print_run_summary", "print_student_location", "run_summary", "student_location"]
+__all__ = [
+    "print_monitor_warning",
+    "print_run_summary",
+    "print_student_location",
+    "run_summary",
+    "student_location",
+]
 
 
 def _trainable(module: nn.Module) -> int:
@@ -82,11 +89,28 @@ def student_location(
     scheduler = (
         f"FlowMatchEulerDiscreteScheduler.from_pretrained({location!r}, subfolder='scheduler')"
     )
+    two_experts = len(family.transformer_components) > 1  # Wan 2.2 A14B
     if lora:
         written = output / "pytorch_lora_weights.safetensors"
         load = (
             f"pipe = {pipeline}.from_pretrained({base_model!r}, scheduler={scheduler}); "
             f"pipe.load_lora_weights({location!r})"
+        )
+        if two_experts:
+            load += (
+                f"; pipe.load_lora_weights({location!r}, "
+                "weight_name='pytorch_lora_weights_transformer_2.safetensors', "
+                "load_into_transformer_2=True)"
+            )
+    elif two_experts:
+        written = output
+        experts = ", ".join(
+            f"{name}={family.transformer_class.__name__}.from_pretrained({location!r}, "
+            f"subfolder={name!r})"
+            for name in family.transformer_components
+        )
+        load = (
+            f"pipe = {pipeline}.from_pretrained({base_model!r}, {experts}, scheduler={scheduler})"
         )
     else:
         written = output / "transformer"
@@ -115,3 +139,12 @@ def print_student_location(
             repo_id=repo_id,
         )
         print(line, flush=True)
+
+
+def print_monitor_warning(message: str, bar: Any = None) -> None:
+    """A monitor's warning on its own line, above the progress bar when there is one."""
+    write = getattr(bar, "write", None)
+    if write is not None:
+        write(message, file=sys.stdout)
+    else:
+        print(message, flush=True)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..ema import ExponentialMovingAverage, ema_weights
 from ..io import atomic_directory, write_json_atomic
-from ..lora import AdapterRole, save_student_lora
+from ..lora import AdapterRole, lora_weight_names, save_student_lora
 
 if TYPE_CHECKING:
     from .state import Run, Teacher, Trainer
@@ -73,17 +73,22 @@ def _save_transformer(
     output_dir: Path,
     gathered: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    component: str = "transformer",
+    prefix: str = "",
 ) -> Path:
+    """``<output_dir>/<component>/`` from ``model`` (a wrapper or a diffusers transformer);
+    ``prefix``: where ``model``'s weights sit in ``gathered``."""
     transformer = getattr(model, "transformer", model)
     if gathered is not None:
-        prefix = "transformer." if transformer is not model else ""
+        prefix += "transformer." if transformer is not model else ""
         transformer = _unsharded_copy(transformer, prefix, _cast(gathered, dtype))
     elif dtype is not None and any(p.dtype != dtype for p in transformer.parameters()):
         # The training model keeps its fp32 weights: a cast copy, on the host (where
         # save_pretrained brings every tensor anyway), is saved.
         state = _cast(transformer.state_dict(), dtype, "cpu")
         transformer = _unsharded_copy(transformer, "", state)
-    final = output_dir / "transformer"
+    final = output_dir / component
     with atomic_directory(final) as tmp:  # an existing transformer/ is swapped out whole
         transformer.save_pretrained(tmp)
     return final
@@ -125,8 +130,22 @@ def export_student(
     weights = ema_weights(ema, student) if ema is not None else contextlib.nullcontext()
     with weights:
         if isinstance(student, AdapterRole):
+            save_student_lora(student, output_dir, gathered=state_dict, dtype=dtype)
+            written = [output_dir / name for name in lora_weight_names(student)]
+        elif callable(getattr(student, "experts", None)):
+            # Wan 2.2 A14B: the high-noise expert is the pipeline's transformer, the low-noise
+            # one its transformer_2.
+            names = [n for n, _ in student.named_children()]
             written = [
-                Path(save_student_lora(student, output_dir, gathered=state_dict, dtype=dtype))
+                _save_transformer(
+                    expert,
+                    output_dir,
+                    state_dict,
+                    dtype,
+                    component="transformer" if i == 0 else f"transformer_{i + 1}",
+                    prefix=f"{next(n for n in names if getattr(student, n) is expert)}.",
+                )
+                for i, expert in enumerate(student.experts())
             ]
         else:
             written = [_save_transformer(student, output_dir, state_dict, dtype)]
@@ -223,7 +242,13 @@ def other_run_export(args: Any) -> list[Path]:
             fix="pass another --output_dir, or --overwrite_output_dir to remove that export "
             "(weights, scheduler/, README.md, validation/; checkpoints are kept)",
         )
-    names = ("transformer", "pytorch_lora_weights.safetensors", *_EXPORT_EXTRAS)
+    names = (
+        "transformer",
+        "transformer_2",
+        "pytorch_lora_weights.safetensors",
+        "pytorch_lora_weights_transformer_2.safetensors",
+        *_EXPORT_EXTRAS,
+    )
     return [folder / name for name in names if (folder / name).exists()]
 
 

@@ -92,6 +92,8 @@ def training_settings(run: Run) -> dict[str, str | int | float]:
         "student learning rate": args.learning_rate,
         "fake-score learning rate": args.fake_score_learning_rate or args.learning_rate,
     }
+    if args.guidance_scale_2 is not None:  # two experts: the recipe's scale is the first's
+        rows["teacher CFG scale, low-noise expert"] = args.guidance_scale_2
     if run.cfg.gan_loss_weight_gen > 0:
         rows["discriminator learning rate"] = args.discriminator_learning_rate or args.learning_rate
     rows["learning-rate schedule"] = f"{args.lr_scheduler}, {args.lr_warmup_steps} warm-up"

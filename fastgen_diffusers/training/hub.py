@@ -77,20 +77,20 @@ class HubUploadError(RuntimeError):
         self.output_dir = output_dir
 
 
-def _transformer_problems(folder: Path, files: set[str]) -> list[str]:
-    """What ``transformer/`` lacks among ``files`` (paths relative to ``folder``)."""
-    problems = [] if "transformer/config.json" in files else ["transformer/config.json"]
-    index = f"transformer/{_SHARD_INDEX}"
+def _transformer_problems(folder: Path, files: set[str], name: str = "transformer") -> list[str]:
+    """What ``<name>/`` lacks among ``files`` (paths relative to ``folder``)."""
+    problems = [] if f"{name}/config.json" in files else [f"{name}/config.json"]
+    index = f"{name}/{_SHARD_INDEX}"
     if index in files:
         # A sharded save: every shard the index names must be there.
         try:
             weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
         except (ValueError, KeyError, TypeError):
             return [*problems, f"a readable weight_map in {index}"]
-        shards = sorted({f"transformer/{name}" for name in weight_map.values()})
+        shards = sorted({f"{name}/{shard}" for shard in weight_map.values()})
         problems += [shard for shard in shards if shard not in files]
-    elif not any(f.startswith("transformer/") and f.endswith(".safetensors") for f in files):
-        problems.append("transformer/*.safetensors")
+    elif not any(f.startswith(f"{name}/") and f.endswith(".safetensors") for f in files):
+        problems.append(f"{name}/*.safetensors")
     return problems
 
 
@@ -115,6 +115,8 @@ def check_output_complete(
     missing = [name for name in ("README.md", _SCHEDULER_CONFIG) if name not in files]
     if any(f.startswith("transformer/") for f in files):
         missing += _transformer_problems(folder, files)
+        if any(f.startswith("transformer_2/") for f in files):  # Wan 2.2 A14B's second expert
+            missing += _transformer_problems(folder, files, "transformer_2")
     elif _LORA_WEIGHTS not in files:
         missing.append(f"transformer/ or {_LORA_WEIGHTS}")
     if missing:
@@ -187,6 +189,9 @@ def push_to_hub(
 CHECKPOINT_UPLOAD_PATTERNS: tuple[str, ...] = (
     "transformer/*",
     "pytorch_lora_weights.safetensors",
+    # Wan 2.2 A14B: the low-noise expert
+    "transformer_2/*",
+    "pytorch_lora_weights_transformer_2.safetensors",
     "scheduler/*",
 )
 

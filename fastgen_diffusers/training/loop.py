@@ -25,10 +25,11 @@ from tqdm.auto import tqdm
 
 from ..config import DMDConfig
 from ..loader import load_dmd_config
+from ..monitors import CollapseMonitor, prompt_fingerprints
 from ..plan import preflight as memory_preflight
 from .args import TrainingArguments
 from .checkpointing import save_checkpoint
-from .console import print_run_summary
+from .console import print_monitor_warning, print_run_summary
 from .export import write_student
 from .finish import finish
 from .run_record import RUN_RECORD
@@ -78,7 +79,7 @@ def train(args: TrainingArguments | argparse.Namespace) -> Path:
     with StopRequest() as stop:
         for _ in bar:
             logs = train_step(run, teacher, data, trainer, progress)
-            log_step(run, logs, progress.step, bar)
+            log_step(run, logs, progress.step, bar, trainer.monitor)
             stopping = stop.agreed(run.accelerator)
             maybe_checkpoint(run, teacher, trainer, progress, force=stopping)
             if stopping:
@@ -121,6 +122,8 @@ def train_step(
     step = progress.step
     student_turn = step % run.cfg.student_update_freq == 0
     roles = trainer.roles(student_turn)
+    monitoring = student_turn and monitor_due(run, step)
+    trainer.dmd.record_student_step = monitoring
     logs: dict[str, float] = {}
     for micro in range(args.gradient_accumulation_steps):
         batch = _next_batch(run, teacher, data, progress)
@@ -132,8 +135,12 @@ def train_step(
             for key, value in parts.items():
                 tag = f"{name}/{key}"
                 logs[tag] = logs.get(tag, 0.0) + value.item() / args.gradient_accumulation_steps
+    grad_norm = None
     for role in roles:
-        _optimizer_step(run, trainer, role)
+        norm = _optimizer_step(run, trainer, role, want_norm=monitoring)
+        grad_norm = norm if role == "student" else grad_norm
+    if monitoring:
+        logs.update(_monitor_stats(run, trainer, batch, grad_norm))
     trainer.prepared.reshard()
     if student_turn:
         trainer.dmd.update_ema(iteration=step)
@@ -202,18 +209,24 @@ def _losses(
     return losses
 
 
-def _optimizer_step(run: Run, trainer: Trainer, role: str) -> None:
-    """Clip, step and zero one network's optimizer, and step its learning-rate schedule."""
+def _optimizer_step(run: Run, trainer: Trainer, role: str, want_norm: bool = False) -> float | None:
+    """Clip, step and zero one network's optimizer, and step its learning-rate schedule.
+    With ``want_norm``, returns the gradient norm before clipping."""
     accelerator, max_norm = run.accelerator, run.args.max_grad_norm
     model = trainer.module(role)
     optimizer = trainer.prepared.optimizers[role]
+    norm = None
     if max_norm > 0 and trainer.prepared.fsdp2:
         # accelerate's clip_grad_norm_ looks the parameters up among the first prepared
         # model's only; torch's handles sharded (DTensor) gradients itself.
         accelerator.unscale_gradients(optimizer=optimizer)
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm)
     elif max_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    elif want_norm:
+        accelerator.unscale_gradients(optimizer=optimizer)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
     optimizer.step()
     # One schedule step per update on any number of ranks (accelerate's wrapper steps once per
     # process, which would tie the schedule, and a resumed one, to the rank count).
@@ -221,6 +234,58 @@ def _optimizer_step(run: Run, trainer: Trainer, role: str) -> None:
         scheduler = trainer.prepared.schedulers[role]
         getattr(scheduler, "scheduler", scheduler).step()
     optimizer.zero_grad(set_to_none=True)
+    if not want_norm or norm is None:
+        return None
+    full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP2
+    return float(full() if full is not None else norm)
+
+
+def monitor_due(run: Run, step: int) -> bool:
+    """Whether the student update at ``step`` is the first one at or after a multiple of
+    ``--monitor_every`` (a function of the step alone, so a resumed run checks where the
+    straight run did)."""
+    every = run.args.monitor_every
+    return every > 0 and step % every < run.cfg.student_update_freq
+
+
+def _monitor_stats(
+    run: Run, trainer: Trainer, batch: dict[str, Any], grad_norm: float | None
+) -> dict[str, float]:
+    """The monitors' statistics of this student update (:mod:`fastgen_diffusers.monitors`):
+    its last micro-batch against the batch's real latents, or, for prompt-only data, the
+    teacher's conditional x0 at the same noise (one extra teacher forward without grad)."""
+    dmd, monitor, record = trainer.dmd, trainer.monitor, trainer.dmd.last_student_step
+    try:
+        if monitor is None or record is None:
+            return {}
+        cond = dict(batch["cond"])
+        ehs = cond.pop("encoder_hidden_states", None)
+        reference = batch["latents"]
+        if reference is None:
+            with run.accelerator.autocast():
+                reference = dmd.teacher_x0_at_student_input(ehs, **cond)
+        conditioning = [c for c in (ehs, *cond.values()) if isinstance(c, torch.Tensor)]
+        prompts = (  # no conditioning: one group
+            prompt_fingerprints(*conditioning)
+            if conditioning
+            else torch.zeros(record["gen"].shape[0], dtype=torch.float64)
+        ).to(run.device)
+        tensors = [record["gen"], reference, record["teacher_x0"], record["fake_x0"], prompts]
+        if run.accelerator.num_processes > 1:
+            # the global batch on every rank: prompt pairs across ranks count, and every rank
+            # logs the same keys (the mean over ranks needs them)
+            tensors = [run.accelerator.gather(t.contiguous()) for t in tensors]
+        gen, reference, teacher_x0, fake_x0, prompts = tensors
+        return monitor.measure(
+            student_x0=gen,
+            reference_x0=reference,
+            group_ids=torch.unique(prompts.cpu(), return_inverse=True)[1],
+            teacher_x0=teacher_x0,
+            fake_x0=fake_x0,
+            grad_norm=grad_norm,
+        )
+    finally:
+        dmd.record_student_step, dmd.last_student_step = False, None
 
 
 def _mean_over_ranks(run: Run, logs: dict[str, float]) -> dict[str, float]:
@@ -232,9 +297,24 @@ def _mean_over_ranks(run: Run, logs: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, run.accelerator.reduce(values, reduction="mean").tolist()))
 
 
-def log_step(run: Run, logs: dict[str, float], step: int, bar: Any) -> None:
+def log_step(
+    run: Run, logs: dict[str, float], step: int, bar: Any, monitor: CollapseMonitor | None = None
+) -> None:
     """Progress bar, trackers, and ``logs/losses.jsonl`` (every iteration's losses as JSON
-    lines: what a resumed run must reproduce)."""
+    lines: what a resumed run must reproduce). With ``monitor``, the fake-score losses feed
+    its trend, a monitored step's statistics get its alarm flags, and a diagnostic that has
+    just crossed its threshold is printed once (main process)."""
+    # The monitors' history-dependent values (alarm flags, fake-score trend) go to the
+    # trackers only: a resumed run restarts that history, and losses.jsonl must match.
+    tracked = logs
+    if monitor is not None:
+        if "fake_score/fake_score" in logs:
+            monitor.observe_fake_score_loss(logs["fake_score/fake_score"])
+        if any(key.startswith("monitor/") for key in logs):
+            tracked = monitor.check(step, logs)
+            if run.is_main:
+                for message in monitor.new_warnings:
+                    print_monitor_warning(message, bar)
     # Each network's loss keeps its last value between its turns; the learning rate is the
     # student's.
     last = getattr(bar, "dmd2_last", {})
@@ -251,7 +331,7 @@ def log_step(run: Run, logs: dict[str, float], step: int, bar: Any) -> None:
     bar.set_postfix(
         {label: f"{last[key]:.4g}" for key, label in labels.items() if key in last}, refresh=False
     )
-    run.accelerator.log(logs, step=step)
+    run.accelerator.log(tracked, step=step)
     if run.is_main:
         loss_log = run.log_dir / "losses.jsonl"
         loss_log.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["render_usage_snippet", "write_model_card"]
 
 _LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+_LORA_WEIGHTS_2 = "pytorch_lora_weights_transformer_2.safetensors"  # Wan 2.2 A14B's low expert
 _DEFAULT_PROMPT = "A photo of a red fox in the snow"
 
 # The card is built here, not with diffusers' `load_or_create_model_card`: for a Hub id that
@@ -164,12 +165,37 @@ def render_usage_snippet(
         '    student, subfolder="scheduler"',
         ")",
     ]
+    two_experts = len(family.transformer_components) > 1  # Wan 2.2 A14B
     if lora:
         lines += [
             f"pipe = {pipeline_class_name}.from_pretrained(",
             "    base_model, scheduler=scheduler, dtype=torch.bfloat16",
             ")",
             f"pipe.load_lora_weights(student, weight_name={_LORA_WEIGHTS!r})",
+        ]
+        if two_experts:
+            lines += [
+                "# The low-noise expert's adapter goes into transformer_2.",
+                "pipe.load_lora_weights(",
+                f"    student, weight_name={_LORA_WEIGHTS_2!r}, load_into_transformer_2=True",
+                ")",
+            ]
+    elif two_experts:
+        lines += [
+            "# transformer: the high-noise expert; transformer_2: the low-noise one.",
+            f"transformer = {transformer_class}.from_pretrained(",
+            '    student, subfolder="transformer", dtype=torch.bfloat16',
+            ")",
+            f"transformer_2 = {transformer_class}.from_pretrained(",
+            '    student, subfolder="transformer_2", dtype=torch.bfloat16',
+            ")",
+            f"pipe = {pipeline_class_name}.from_pretrained(",
+            "    base_model,",
+            "    transformer=transformer,",
+            "    transformer_2=transformer_2,",
+            "    scheduler=scheduler,",
+            "    dtype=torch.bfloat16,",
+            ")",
         ]
     else:
         lines += [

@@ -57,6 +57,7 @@ __all__ = [
     "pipeline_to",
     "prepare_networks",
     "take_host_transformer",
+    "take_host_transformers",
     "unsharded_class",
 ]
 
@@ -94,34 +95,49 @@ def load_pipeline(accelerator: Accelerator, family: Any, path: str, **kwargs: An
 
     revision = kwargs.get("revision")
     index = family.pipeline_class.load_config(path, revision=revision)
-    library, class_name = index["transformer"]
-    cls = getattr(diffusers, class_name)
-    config = cls.load_config(path, subfolder="transformer", revision=revision)
-    with init_empty_weights(include_buffers=False):
-        transformer = cls.from_config(config)
-    transformer.to(kwargs.get("torch_dtype") or torch.float32)
-    pipe = family.load_pipeline(path, transformer=transformer, **kwargs)
+    empty, classes = {}, {}
+    for name in family.transformer_components:  # Wan 2.2 A14B: transformer and transformer_2
+        library, class_name = index[name]
+        cls = classes[name] = getattr(diffusers, class_name)
+        config = cls.load_config(path, subfolder=name, revision=revision)
+        # Some parameters are drawn on the CPU before init_empty_weights moves them to the meta
+        # device (Wan's scale_shift_table: torch.randn): keep the run's random stream where the
+        # unsharded run has it (the LoRA initialisation draws from it later).
+        with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
+            empty[name] = cls.from_config(config)
+        empty[name].to(kwargs.get("torch_dtype") or torch.float32)
+    pipe = family.load_pipeline(path, **empty, **kwargs)
     if accelerator.is_main_process:
-        host = cls.from_pretrained(
-            path,
-            subfolder="transformer",
-            revision=revision,
-            variant=kwargs.get("variant"),
-            torch_dtype=kwargs.get("torch_dtype") or torch.float32,
-        )
-        host.requires_grad_(False)
-        object.__setattr__(pipe, _HOST_ATTR, host)
+        hosts = []
+        for name, cls in classes.items():
+            host = cls.from_pretrained(
+                path,
+                subfolder=name,
+                revision=revision,
+                variant=kwargs.get("variant"),
+                torch_dtype=kwargs.get("torch_dtype") or torch.float32,
+            )
+            host.requires_grad_(False)
+            hosts.append(host)
+        object.__setattr__(pipe, _HOST_ATTR, hosts)
     return pipe
 
 
 _HOST_ATTR = "_fastgen_host_transformer"
 
 
-def take_host_transformer(pipe: Any) -> nn.Module | None:
-    """The transformer weights the main process read onto the host in :func:`load_pipeline`
-    (FSDP2), removed from ``pipe`` so that they are freed once loaded into the shards; ``None``
-    on the other ranks and without FSDP2."""
+def take_host_transformers(pipe: Any) -> list[nn.Module] | None:
+    """The transformers' weights (``Family.transformer_components``, in that order) the main
+    process read onto the host in :func:`load_pipeline` (FSDP2), removed from ``pipe`` so that
+    they are freed once loaded into the shards; ``None`` on the other ranks and without
+    FSDP2."""
     return pipe.__dict__.pop(_HOST_ATTR, None)
+
+
+def take_host_transformer(pipe: Any) -> nn.Module | None:
+    """:func:`take_host_transformers` of a one-transformer pipeline."""
+    hosts = take_host_transformers(pipe)
+    return None if hosts is None else hosts[0]
 
 
 def pipeline_to(pipe: Any, device: torch.device) -> None:

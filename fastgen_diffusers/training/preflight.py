@@ -80,6 +80,7 @@ def preflight(args: TrainingArguments) -> Preflight:
     warnings = _recipe_family_warnings(args.recipe, family)
     for warning in warnings:
         logger.warning(warning)
+    _check_experts(args, cfg, family)
     check_sizes(args, family, configs)
     check_video_backend(args, family)
     _check_dataset(args, cfg)
@@ -330,6 +331,32 @@ def teacher_family(args: TrainingArguments, configs: ModelConfigs | None = None)
             )
         family = detect(guidance=args.flux_guidance)
     return family
+
+
+def _check_experts(args: TrainingArguments, cfg: Any, family: Any) -> None:
+    """What a two-expert teacher (Wan 2.2 A14B) allows: ``--guidance_scale_2`` only there, and
+    only with CFG on; no GAN branch yet (its features would come from two teachers)."""
+    experts = len(family.transformer_components)
+    if args.guidance_scale_2 is not None:
+        if experts < 2:
+            raise UserError(
+                f"--guidance_scale_2 {args.guidance_scale_2} applies to two-expert Wan 2.2 A14B "
+                f"teachers only; {args.pretrained_model_name_or_path!r} has one transformer",
+                fix="drop --guidance_scale_2",
+            )
+        if cfg.guidance_scale is None:
+            raise UserError(
+                f"--guidance_scale_2 {args.guidance_scale_2} given, but the recipe's "
+                "guidance_scale is null (CFG off for both experts)",
+                fix="set guidance_scale in the recipe (--recipe_overrides guidance_scale=4.0), "
+                "or drop --guidance_scale_2",
+            )
+    if experts > 1 and cfg.gan_loss_weight_gen > 0:
+        raise UserError(
+            f"gan_loss_weight_gen={cfg.gan_loss_weight_gen}: the GAN branch is not supported "
+            f"with a two-expert teacher ({', '.join(family.transformer_components)})",
+            fix="--recipe_overrides gan_loss_weight_gen=0 (the dmd2_wan22_a14b_t2v recipe has it)",
+        )
 
 
 def _recipe_family_warnings(recipe: str, family: Any) -> list[str]:

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from pickle import UnpicklingError
@@ -32,6 +33,7 @@ from safetensors import SafetensorError
 
 from ..lora import AdapterRole, LoraSettings, build_dmd_networks, enable_gradient_checkpointing
 from ..methods import DMDPipeline
+from ..monitors import CollapseMonitor
 from ..quantize import quantize_base
 from .args import TrainingArguments
 from .cache import CacheSettings, build_cache
@@ -52,7 +54,7 @@ from .parallel import (
     load_pipeline,
     pipeline_to,
     prepare_networks,
-    take_host_transformer,
+    take_host_transformers,
 )
 from .preflight import load_dataset_checked, needs_media, preflight, resume_target, teacher_family
 from .run_record import RUN_RECORD, check_resume, run_record, write_run_record
@@ -277,12 +279,13 @@ def build_networks(run: Run, teacher: Teacher) -> Networks:
     base) trained in fp32, gradient checkpointing, and the GAN discriminator on the teacher's
     features when the recipe has a GAN branch."""
     args, family = run.args, teacher.family
-    wrapped = family.wrap(teacher.pipe.transformer)
+    # One network per role; a two-expert teacher (Wan 2.2 A14B) makes each a two-expert one.
+    wrapped = family.wrap_transformers(teacher.transformers)
     wrapped.requires_grad_(False)
     # Under FSDP2 the networks are built on the meta device on every rank; the main process's
     # host copy of the teacher's weights gives their initial values, loaded after sharding.
-    source = take_host_transformer(teacher.pipe)
-    host = family.wrap(source) if source is not None else None
+    source = take_host_transformers(teacher.pipe)
+    host = family.wrap_transformers(source) if source is not None else None
     lora = LoraSettings(
         rank=args.rank,
         alpha=args.lora_alpha,
@@ -319,7 +322,22 @@ def build_networks(run: Run, teacher: Teacher) -> Networks:
     if run.cfg.gan_loss_weight_gen > 0:
         family.attach_feature_capture(nets.teacher)
         discriminator = family.build_discriminator(nets.teacher).to(run.device)
-    return Networks(nets, discriminator)
+    return Networks(nets, discriminator, teacher_guidance(run, wrapped))
+
+
+def teacher_guidance(run: Run, teacher: torch.nn.Module) -> Callable | None:
+    """Per-sample CFG scales of a two-expert teacher (its ``guidance_scales``): the recipe's
+    ``guidance_scale`` for the high-noise expert, ``--guidance_scale_2`` (default: the same)
+    for the low-noise one; ``None`` for one expert or with CFG off."""
+    scales = getattr(teacher, "guidance_scales", None)
+    high, low = run.cfg.guidance_scale, run.args.guidance_scale_2
+    if scales is None or high is None:
+        return None
+
+    def guidance_scale_fn(t: torch.Tensor) -> torch.Tensor:
+        return scales(t, high, low)
+
+    return guidance_scale_fn
 
 
 def make_trainer(run: Run, networks: Networks) -> Trainer:
@@ -380,11 +398,13 @@ def make_trainer(run: Run, networks: Networks) -> Trainer:
         prepared.fake_score,
         cfg,
         discriminator=prepared.discriminator,
+        guidance_scale_fn=networks.guidance_scale_fn,
     )
     # Noise and timesteps drawn for the global batch, this rank's rows kept: N ranks train on
     # exactly what one process would (every rank is seeded alike).
     dmd.draw_for_global_batch(run.accelerator.process_index, run.accelerator.num_processes)
-    return Trainer(prepared, dmd)
+    monitor = CollapseMonitor() if run.args.monitor_every > 0 else None
+    return Trainer(prepared, dmd, monitor=monitor)
 
 
 def resume(run: Run, trainer: Trainer, num_samples: int, family: str | None = None) -> Progress:

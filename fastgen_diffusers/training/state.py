@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from torch import nn
 from ..config import DMDConfig
 from ..lora import DMDNetworks
 from ..methods import DMDPipeline
+from ..monitors import CollapseMonitor
 from .args import TrainingArguments
 from .cache import CachedDataset
 from .data_order import ResumableRandomSampler
@@ -76,6 +78,16 @@ class Teacher:
     pipe: Any  # the diffusers pipeline (transformer, VAE, scheduler; encoders freed later)
     latent_shape: tuple[int, ...]
 
+    @property
+    def transformers(self) -> list[nn.Module]:
+        """The pipeline's denoisers in ``family.transformer_components`` order: ``[transformer]``,
+        or Wan 2.2 A14B's ``[transformer (high noise), transformer_2 (low noise)]``."""
+        return [getattr(self.pipe, name) for name in self.family.transformer_components]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.family.transformer_components)
+
 
 @dataclass
 class TrainingData:
@@ -92,6 +104,8 @@ class Networks:
 
     nets: DMDNetworks
     discriminator: nn.Module | None
+    # Per-sample teacher CFG scales of a two-expert teacher (t [B] -> scales [B]), else None.
+    guidance_scale_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -100,6 +114,7 @@ class Trainer:
 
     prepared: PreparedNetworks
     dmd: DMDPipeline
+    monitor: CollapseMonitor | None = None  # --monitor_every > 0
 
     @property
     def student(self) -> nn.Module:

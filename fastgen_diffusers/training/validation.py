@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +76,7 @@ def sample_images(
     sigmas: Sequence[float] | None = None,
     guidance_scale: float | None = None,
     negative: dict[str, torch.Tensor] | None = None,
+    guidance_scale_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Latents for each (prompt, seed): student few-step over ``t_list`` or, with ``sigmas``,
     the teacher's Euler with CFG. ``cond`` holds one row per prompt; the result has
@@ -110,6 +111,7 @@ def sample_images(
         negative_encoder_hidden_states=neg_ehs,
         negative_model_kwargs=neg_kwargs,
         guidance_scale=guidance_scale,
+        guidance_scale_fn=guidance_scale_fn,
     )
 
 
@@ -220,6 +222,7 @@ def validate(
             seeds,
             sigmas=sigmas,
             guidance_scale=run.cfg.guidance_scale,
+            guidance_scale_fn=trainer.dmd.guidance_scale_fn,  # two experts: one scale each
             negative=to_device(data.negative, run.device, run.weight_dtype),
         )
         prepared.reshard()
