@@ -248,6 +248,15 @@ class DMDConfig(DistillationConfig):
 
     Default values are tuned for Wan 2.2 5B; callers fine-tune them per model.
 
+    Stabilizers from the literature, all off by default (formulas in each field's description):
+    ``guidance_norm`` (per-token velocity norm rescale / clamp of the guided teacher: Qwen-Image
+    true CFG, LightX2V ``cfg_norm``), ``guidance_scale_range`` (per-sample CFG scale),
+    ``ida_ratio`` (implicit distribution alignment), ``isg_weight`` (intra-segment guidance),
+    ``backward_simulation_prob`` (mix of backward simulation and noised real latents) and
+    ``gan_rung_weighting`` (GAN weight per student rung); the last four from SenseFlow (Ge et
+    al., "SenseFlow: Scaling Distribution Matching for Flow-based Text-to-Image Distillation",
+    ICLR 2026, github.com/XingtongGe/SenseFlow).
+
     Example::
 
         cfg = DMDConfig.from_yaml("general/distillation/dmd2_wan22_5b")
@@ -310,12 +319,120 @@ class DMDConfig(DistillationConfig):
         ),
     )
 
+    # -- stabilizers (all off by default) ---------------------------------------------------
+    guidance_norm: Literal["rescale", "clamp"] | None = Field(
+        default=None,
+        description=(
+            "Teacher guidance normalisation, in velocity space (v = (x_t - x0) / t) after CFG "
+            "and before the conversion back to x0, per token (norm over the channel dimension, "
+            "dim 1 of the latent layout). 'rescale': v <- v * ||v_cond|| / ||v|| (the Qwen-Image "
+            "pipeline's true-CFG norm; LightX2V cfg_norm: layer_norm). 'clamp': "
+            "v <- v * min(1, k ||v_cond|| / ||v||) with k = guidance_norm_clamp. None: off."
+        ),
+    )
+    guidance_norm_clamp: float = Field(
+        default=1.0,
+        ge=1.0,
+        description="k of guidance_norm='clamp': the guided velocity's per-token norm is kept "
+        "<= k times the conditional one's.",
+    )
+    guidance_scale_range: tuple[float, float] | None = Field(
+        default=None,
+        description=(
+            "Draw the teacher's CFG scale per sample from U(low, high) at every student step "
+            "instead of using guidance_scale (SenseFlow, Ge et al. ICLR 2026: SD3.5 Large true "
+            "CFG U(3, 10); FLUX.1-dev embedded guidance U(1, 8)). Needs negative conditioning "
+            "like guidance_scale. None: off."
+        ),
+    )
+    ida_ratio: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Implicit distribution alignment (SenseFlow): after each student update the fake "
+            "score is pulled toward the student, phi <- (1 - r) phi + r theta (r = 0.03 "
+            "published, i.e. their ida_w = 0.97). For LoRA fake score and student on the same "
+            "base (separate_lora / shared_lora) the fake adapter's delta B_f A_f is replaced by "
+            "the best rank-r approximation of (1 - r) B_f A_f + r B_s A_s "
+            "(fastgen_diffusers.alignment). 0: off."
+        ),
+    )
+    isg_weight: float = Field(
+        default=0.0,
+        ge=0.0,
+        description=(
+            "Intra-segment guidance (SenseFlow) weight in the student loss. For the student's "
+            "segment [t_prev, t] (t its input rung, t_prev the next rung of t_list, 0 after "
+            "the last), t_mid ~ U(t_prev + m, t - m) (m = isg_margin); target = teacher Euler "
+            "step t -> t_mid (x_mid = x_t + (t_mid - t) v_teacher), then the student (no grad) "
+            "from t_mid to t_prev; loss = mean(sqrt((x_student - x_target)^2 + c^2) - c) with "
+            "x_student the student's own Euler jump t -> t_prev and c = isg_huber_c. "
+            "Published weight 1. 0: off."
+        ),
+    )
+    isg_huber_c: float = Field(
+        default=1e-3, gt=0.0, description="c of ISG's pseudo-Huber loss (SenseFlow: 1e-3)."
+    )
+    isg_margin: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=0.5,
+        description=(
+            "t_mid is drawn at least this far (in t) from both ends of the segment; a segment "
+            "shorter than 2 m uses its midpoint (SenseFlow: 20 of 1000 timesteps for FLUX, 50 "
+            "of 1000 scheduler indices for SD3.5 Large)."
+        ),
+    )
+    isg_guidance_scale: float | None = Field(
+        default=None,
+        ge=1.0,
+        description="Teacher CFG scale of the ISG step (SenseFlow SD3.5 Large: 5.0). None: the "
+        "scale of the distribution-matching term of the same step.",
+    )
+    backward_simulation_prob: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "With backward_simulation: the probability that an iteration unrolls the student; "
+            "the other iterations noise real latents to a rung (SenseFlow: 0.5, one draw per "
+            "iteration shared by every rank). 1.0: always unroll."
+        ),
+    )
+    gan_rung_weighting: Literal["constant", "one_minus_t_squared"] = Field(
+        default="constant",
+        description=(
+            "Per-sample weight of the GAN generator term by the student's input rung t: "
+            "'one_minus_t_squared' multiplies it by (1 - t)^2 (SenseFlow FLUX: timew = "
+            "(1 - sigma)^2), so the pure-noise rung gets little adversarial push."
+        ),
+    )
+
+    @field_validator("guidance_scale_range")
+    @classmethod
+    def _check_guidance_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 1.0 <= value[0] <= value[1]:
+            raise ValueError(
+                f"guidance_scale_range={list(value)} must be [low, high] with 1 <= low <= high"
+            )
+        return value
+
     @model_validator(mode="after")
     def _check_gan(self) -> DMDConfig:
         if self.gan_r1_reg_weight > 0 and self.gan_loss_weight_gen <= 0:
             raise ValueError(
                 f"gan_r1_reg_weight={self.gan_r1_reg_weight} needs the GAN branch: set "
                 f"gan_loss_weight_gen > 0 (got {self.gan_loss_weight_gen})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_mix(self) -> DMDConfig:
+        if self.backward_simulation_prob < 1.0 and not self.backward_simulation:
+            raise ValueError(
+                f"backward_simulation_prob={self.backward_simulation_prob} mixes backward "
+                "simulation with noised real latents: set backward_simulation: true"
             )
         return self
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "add_noise",
     "convert_prediction",
+    "next_rung",
     "pred_noise_to_pred_x0",
     "pred_x0_from_flow",
     "pred_x0_from_v",
@@ -257,3 +258,12 @@ def sample_from_t_list(
     rungs = torch.tensor(t_list[:-1], dtype=torch.float64)
     idx = torch.randint(0, rungs.numel(), (n,))
     return rungs[idx].to(device=device, dtype=dtype)
+
+
+def next_rung(t: torch.Tensor, t_list: list[float] | tuple[float, ...]) -> torch.Tensor:
+    """For each entry of ``t`` (a rung of ``t_list``, matched to the nearest one), the next
+    rung: where the few-step student's step from ``t`` lands (``0.0`` after the last rung)."""
+    rungs = torch.tensor(list(t_list), dtype=torch.float64, device=t.device)
+    index = (t.to(torch.float64)[:, None] - rungs[None, :]).abs().argmin(dim=1)
+    index = (index + 1).clamp(max=len(t_list) - 1)
+    return rungs[index].to(t.dtype)

@@ -13,7 +13,14 @@ import torch.nn.functional as F
 
 from .utils import expand_like
 
-__all__ = ["dsm_loss", "gan_disc_loss", "gan_gen_loss", "r1_loss", "vsd_loss"]
+__all__ = [
+    "dsm_loss",
+    "gan_disc_loss",
+    "gan_gen_loss",
+    "pseudo_huber_loss",
+    "r1_loss",
+    "vsd_loss",
+]
 
 _PRED_TYPES = ("x0", "eps", "v", "flow")
 
@@ -109,10 +116,34 @@ def _check_logits(name: str, logits: torch.Tensor) -> None:
         raise ValueError(f"{name} must be 2-D [batch, heads], got shape {tuple(logits.shape)}")
 
 
-def gan_gen_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """Non-saturating generator loss ``mean softplus(-D(fake))``; logits are ``[B, heads]``."""
+def gan_gen_loss(fake_logits: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Non-saturating generator loss ``mean softplus(-D(fake))``; logits are ``[B, heads]``.
+
+    ``weight`` (``[B]``) scales each sample's term: ``mean_b w_b mean_h softplus(-D)``.
+    """
     _check_logits("fake_logits", fake_logits)
-    return F.softplus(-fake_logits.float()).mean()
+    per_sample = F.softplus(-fake_logits.float()).mean(dim=1)
+    if weight is not None:
+        if weight.shape != per_sample.shape:
+            raise ValueError(
+                f"gan_gen_loss weight must be [{per_sample.shape[0]}], got {tuple(weight.shape)}"
+            )
+        per_sample = per_sample * weight.float()
+    return per_sample.mean()
+
+
+def pseudo_huber_loss(pred: torch.Tensor, target: torch.Tensor, c: float = 1e-3) -> torch.Tensor:
+    """Element-wise pseudo-Huber loss ``mean(sqrt((pred - target)^2 + c^2) - c)`` in fp32:
+    quadratic below ``c``, absolute above (SenseFlow's ISG loss, c = 1e-3)."""
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"pseudo_huber_loss needs matching shapes, got {tuple(pred.shape)} and "
+            f"{tuple(target.shape)}"
+        )
+    if not c > 0:
+        raise ValueError(f"pseudo_huber_loss needs c > 0, got {c}")
+    diff = pred.float() - target.float()
+    return (torch.sqrt(diff * diff + c * c) - c).mean()
 
 
 def gan_disc_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ except ImportError:  # pragma: no cover
     # Builds without torch.distributed: the name exists, and is_dtensor is always False.
     DTensor = None  # type: ignore[misc,assignment]
 
-__all__ = ["classifier_free_guidance", "expand_like", "is_dtensor"]
+__all__ = ["classifier_free_guidance", "expand_like", "is_dtensor", "normalize_guidance"]
 
 
 def is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
@@ -56,8 +56,8 @@ def classifier_free_guidance(
 ) -> torch.Tensor:
     """DMD2-convention classifier-free guidance: ``cond + (s - 1) * (cond - uncond)``.
 
-    ``guidance_scale`` is a number or a tensor broadcasting against ``cond`` (per-sample scales
-    ``[B, 1, ...]``).
+    ``guidance_scale`` is a number or a tensor of per-sample scales, ``[B]`` or
+    ``[B, 1, ...]``.
 
     Equivalent to the usual ``uncond + s * (cond - uncond)``; written this way so that
     ``s = 1`` returns ``cond`` exactly. Applied to x0 predictions by :class:`DMDPipeline`.
@@ -67,4 +67,44 @@ def classifier_free_guidance(
             f"classifier_free_guidance needs matching shapes, got cond {tuple(cond.shape)} "
             f"and uncond {tuple(uncond.shape)}"
         )
-    return cond + (guidance_scale - 1.0) * (cond - uncond)
+    scale = (
+        expand_like(guidance_scale, cond).to(cond.dtype)
+        if isinstance(guidance_scale, torch.Tensor)
+        else guidance_scale
+    )
+    return cond + (scale - 1.0) * (cond - uncond)
+
+
+def normalize_guidance(
+    guided_x0: torch.Tensor,
+    cond_x0: torch.Tensor,
+    x_t: torch.Tensor,
+    mode: str,
+    clamp: float = 1.0,
+) -> torch.Tensor:
+    """Per-token norm control of a CFG-guided teacher prediction, in velocity space.
+
+    With ``v = (x_t - x0) / t`` (rectified flow), per token (norm over dim 1, the channels):
+    ``"rescale"``: ``v <- v ||v_cond|| / ||v||`` (Qwen-Image's true-CFG norm, LightX2V's
+    ``cfg_norm: layer_norm``); ``"clamp"``: ``v <- v min(1, clamp ||v_cond|| / ||v||)``.
+    Returns the x0 of the new velocity, ``x_t - t v``. ``t`` cancels in the norm ratio, so
+    this computes ``x_t - ratio (x_t - guided_x0)`` (no division by a small ``t``), in fp32.
+
+    Example::
+
+        x0 = normalize_guidance(classifier_free_guidance(c, u, 4.0), c, x_t, "rescale")
+    """
+    if mode not in ("rescale", "clamp"):
+        raise ValueError(f"guidance norm mode must be 'rescale' or 'clamp', got {mode!r}")
+    if not guided_x0.shape == cond_x0.shape == x_t.shape:
+        raise ValueError(
+            f"normalize_guidance needs matching shapes, got guided {tuple(guided_x0.shape)}, "
+            f"cond {tuple(cond_x0.shape)}, x_t {tuple(x_t.shape)}"
+        )
+    x32 = x_t.float()
+    v = x32 - guided_x0.float()  # t * v_guided
+    v_cond = x32 - cond_x0.float()  # t * v_cond
+    ratio = v_cond.norm(dim=1, keepdim=True) / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    if mode == "clamp":
+        ratio = (clamp * ratio).clamp(max=1.0)
+    return (x32 - ratio * v).to(guided_x0.dtype)

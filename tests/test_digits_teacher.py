@@ -100,3 +100,23 @@ def test_report_shows_each_stage_and_where_it_wrote(tmp_path, capsys):
     assert stdout.rstrip().endswith(f"quality table: {quality / 'quality.md'} (and quality.json)")
     for name in ("teacher_1", "teacher_1_nocfg", "student_1"):
         assert (quality / f"{name}.png").is_file()
+
+
+def test_report_takes_the_students_rungs_from_its_run_record(tmp_path):
+    import json
+
+    from fastgen_diffusers import load_dmd_config
+
+    cfg = load_dmd_config("general/distillation/dmd2_digits_sd3_4step")
+    (tmp_path / "run.json").write_text(json.dumps({"recipe": cfg.model_dump(mode="json")}))
+    recorded = digits_eval.student_recipe(tmp_path)
+    assert recorded == cfg
+    t_list = recorded.sample_t_cfg.t_list
+    # 4 rungs: 4 steps take them all, 2 every other one, 1 the first.
+    assert digits_eval.student_sigmas(t_list, 4) == [0.999, 0.9, 0.75, 0.5]
+    assert digits_eval.student_sigmas(t_list, 2) == [0.999, 0.75]
+    assert digits_eval.student_sigmas(t_list, 1) == [0.999]
+    # An explicit recipe wins; a folder without a record is taken for the main command's.
+    one_step = digits_eval.student_recipe(tmp_path, "general/distillation/dmd2_digits_sd3")
+    assert one_step.student_sample_steps == 1
+    assert digits_eval.student_recipe(tmp_path / "elsewhere") == one_step

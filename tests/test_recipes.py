@@ -26,6 +26,8 @@ LINSPACE_4 = torch.linspace(0.999, 0.0, 5, dtype=torch.float64).tolist()
 FASTGEN_WAN21_4STEP = [0.999, 0.937, 0.833, 0.624, 0.0]
 # SenseFlow's SD3.5 rungs [999, 749, 499, 249] through the shift-3.0 sigma table.
 SD35_T_LIST = [1.0, 0.9, 0.75, 0.5, 0.0]
+# SenseFlow's FLUX rungs: denoising_step_list [1000, 904, 759, 512] / 1000.
+FLUX_T_LIST = [1.0, 0.904, 0.759, 0.512, 0.0]
 
 # Values taken from the sources named in each recipe's header (dotted keys reach nested fields).
 EXPECTED: dict[str, dict[str, Any]] = {
@@ -124,9 +126,17 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "pred_type": "flow",
         "num_train_timesteps": None,
         "guidance_scale": 4.0,
+        "guidance_scale_range": (3.0, 10.0),
         "student_sample_steps": 4,
         "student_sample_type": "sde",
-        "backward_simulation": False,
+        "backward_simulation": True,
+        "backward_simulation_prob": 0.5,
+        "ida_ratio": 0.03,
+        "isg_weight": 1.0,
+        "isg_huber_c": 0.001,
+        "isg_guidance_scale": 5.0,
+        "isg_margin": 0.05,
+        "gan_rung_weighting": "constant",
         "student_update_freq": 5,
         "fake_score_pred_type": "x0",
         "gan_loss_weight_gen": 0.03,
@@ -145,7 +155,13 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "guidance_scale": None,  # embedded guidance 3.5 lives on FluxWrapper
         "student_sample_steps": 4,
         "student_sample_type": "sde",
-        "backward_simulation": False,
+        "backward_simulation": True,
+        "backward_simulation_prob": 0.5,
+        "ida_ratio": 0.03,
+        "isg_weight": 1.0,
+        "isg_huber_c": 0.001,
+        "isg_margin": 0.02,
+        "gan_rung_weighting": "one_minus_t_squared",
         "student_update_freq": 5,
         "fake_score_pred_type": "x0",
         "gan_loss_weight_gen": 0.03,
@@ -154,7 +170,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "sample_t_cfg.time_dist_type": "uniform",
         "sample_t_cfg.min_t": 0.001,
         "sample_t_cfg.max_t": 0.999,
-        "sample_t_cfg.t_list": LINSPACE_4,
+        "sample_t_cfg.t_list": FLUX_T_LIST,
         **EMA,
     },
     "dmd2_qwen_image": {
@@ -190,6 +206,16 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "sample_t_cfg.min_t": 0.001,
         "sample_t_cfg.max_t": 0.999,
         "sample_t_cfg.t_list": [0.999, 0.0],
+        "ema.decay": 0.99,
+    },
+    # The 4-step digits student: same loss shape, SenseFlow's SD3.5 rungs, backward simulation.
+    "dmd2_digits_sd3_4step": {
+        "guidance_scale": 2.0,
+        "student_sample_steps": 4,
+        "student_sample_type": "ode",
+        "backward_simulation": True,
+        "sample_t_cfg.shift": 3.0,
+        "sample_t_cfg.t_list": [0.999, 0.9, 0.75, 0.5, 0.0],
         "ema.decay": 0.99,
     },
 }
@@ -228,6 +254,7 @@ FAMILY: dict[str, tuple[Any, str | None, tuple[int, ...]]] = {
         qwen_image.default_feature_indices({"num_layers": 60}),
     ),
     "dmd2_digits_sd3": (sd3, "embedded/digits-sd3", None),  # no GAN: no feature blocks
+    "dmd2_digits_sd3_4step": (sd3, "embedded/digits-sd3", None),
 }
 
 RECIPES = sorted(EXPECTED)
@@ -337,7 +364,7 @@ def test_sd35_t_list_is_senseflows_rungs_through_the_shift_3_table():
     assert shifted + [0.0] == pytest.approx(SD35_T_LIST, abs=1e-12)
 
 
-def test_flux_and_qwen_t_list_is_fastgens_default_linspace():
+def test_qwen_t_list_is_fastgens_default_linspace():
     assert LINSPACE_4 == pytest.approx([0.999, 0.74925, 0.4995, 0.24975, 0.0], abs=1e-12)
     assert all(math.isclose(a - b, 0.999 / 4) for a, b in zip(LINSPACE_4, LINSPACE_4[1:]))
 

@@ -413,6 +413,44 @@ sample_t_cfg:
     torch.testing.assert_close(stock, flux.pack_latents(ours), rtol=1e-4, atol=1e-5)
 
 
+def test_sd3_shared_lora_with_every_stabilizer(tmp_path):
+    # Every stabilizer at once through train_dmd2 (LoRA IDA, ISG, per-sample CFG with norm
+    # rescale, the backward-simulation mix over real latents, the GAN weight per rung).
+    model = save_tiny_sd3(tmp_path / "model")
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml",
+        """\
+guidance_scale: 2.0
+guidance_scale_range: [1.5, 3.0]
+guidance_norm: rescale
+student_sample_steps: 2
+student_update_freq: 2
+backward_simulation: true
+backward_simulation_prob: 0.5
+ida_ratio: 0.03
+isg_weight: 1.0
+isg_margin: 0.02
+gan_loss_weight_gen: 0.1
+gan_rung_weighting: one_minus_t_squared
+sample_t_cfg:
+  t_list: [0.999, 0.5, 0.0]
+""",
+    )
+    out = tmp_path / "out"
+    images = write_images(tmp_path / "images")
+    train(
+        args_for(model, recipe, images, out, "--use_lora", "--rank", "4", "--max_train_steps", "4")
+    )
+    rows = losses(out)
+    assert {"student/vsd", "student/isg", "student/gan_gen"} <= set(rows[1])
+    assert all(
+        np.isfinite(v) for row in rows.values() for v in row.values() if isinstance(v, float)
+    )
+    card = (out / "README.md").read_text()
+    assert "IDA ratio" in card and "U(1.5, 3)" in card
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_wan_video_student(tmp_path):
     model = save_tiny_wan(tmp_path / "model")
     recipe = write_recipe(tmp_path / "recipe.yaml", "guidance_scale: 3.0\nstudent_update_freq: 2\n")

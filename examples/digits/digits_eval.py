@@ -46,6 +46,9 @@ DEFAULT_TEACHER = EMBEDDED / "digits-sd3"
 # -- data ---------------------------------------------------------------------------------------
 
 
+DEFAULT_RECIPE = "general/distillation/dmd2_digits_sd3"
+
+
 def load_digits_32() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1797 digits as ``[N, 1, 32, 32]`` float32 in [-1, 1] and their ``[N]`` int64 labels."""
     from sklearn.datasets import load_digits
@@ -296,6 +299,23 @@ def load_teacher_pipeline(
     return pipe
 
 
+def student_recipe(output_dir: str | os.PathLike, recipe: str | None = None):
+    """The ``DMDConfig`` the student of ``output_dir`` was trained with: ``recipe`` (a name or
+    a YAML path) if given, else the resolved recipe ``train_dmd2.py`` recorded in
+    ``output_dir/run.json`` (its rungs, ``t_list``, decide the student's sigmas at n steps),
+    else the main command's ``dmd2_digits_sd3`` (with a note: a folder without a record)."""
+    from fastgen_diffusers import load_config
+    from fastgen_diffusers.config import DMDConfig
+
+    if recipe is not None:
+        return DMDConfig.model_validate(load_config(recipe))
+    record = Path(output_dir) / "run.json"
+    if not record.is_file():
+        print(f"{record} is missing: assuming {DEFAULT_RECIPE} (pass --recipe otherwise)")
+        return DMDConfig.model_validate(load_config(DEFAULT_RECIPE))
+    return DMDConfig.model_validate(json.loads(record.read_text())["recipe"])
+
+
 def check_student_output(output_dir: str | os.PathLike) -> Path:
     """``output_dir`` if it holds an exported student (``scheduler/`` and ``transformer/`` or a
     LoRA file), else a ``FileNotFoundError`` that says what is missing."""
@@ -345,7 +365,7 @@ def report(
     output_dir: str | os.PathLike,
     *,
     teacher: str | os.PathLike = DEFAULT_TEACHER,
-    recipe: str = "general/distillation/dmd2_digits_sd3",
+    recipe: str | None = None,
     classifier_path: str | os.PathLike = DEFAULT_CLASSIFIER,
     teacher_steps: list[int] = (28, 4, 2, 1),
     student_steps: list[int] = (1, 2, 4),
@@ -363,11 +383,8 @@ def report(
     at ``teacher_lora_scale``. ``fd_reference="teacher"``: the Frechet distance is measured to
     the teacher's own 28-step images (the recipe's CFG, another seed) instead of the held-out
     real digits: how close the student comes to what it distills."""
-    from fastgen_diffusers import load_config
-    from fastgen_diffusers.config import DMDConfig
-
     check_student_output(output_dir)
-    cfg = DMDConfig.model_validate(load_config(recipe))
+    cfg = student_recipe(output_dir, recipe)
     if cfg.student_sample_steps > 1:
         t_list = list(cfg.sample_t_cfg.t_list)
     else:
@@ -504,8 +521,8 @@ def main() -> None:
     rp.add_argument("--teacher", default=str(DEFAULT_TEACHER))
     rp.add_argument(
         "--recipe",
-        default="general/distillation/dmd2_digits_sd3",
-        help="the recipe the student used",
+        default=None,
+        help="the recipe the student used (default: the one recorded in OUTPUT_DIR/run.json)",
     )
     rp.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER))
     rp.add_argument("--teacher_steps", type=int, nargs="*", default=[28, 4, 2, 1])

@@ -40,15 +40,23 @@ from ..features import FeatureCapture, get_feature_capture
 from ..flow_matching import (
     add_noise,
     convert_prediction,
+    next_rung,
     renoise,
     rf_alpha,
     rf_sigma,
     sample_from_t_list,
 )
-from ..losses import dsm_loss, gan_disc_loss, gan_gen_loss, r1_loss, vsd_loss
+from ..losses import (
+    dsm_loss,
+    gan_disc_loss,
+    gan_gen_loss,
+    pseudo_huber_loss,
+    r1_loss,
+    vsd_loss,
+)
 from ..modeling import call_model
 from ..pipeline import DistillationPipeline
-from ..utils import classifier_free_guidance
+from ..utils import classifier_free_guidance, normalize_guidance
 
 __all__ = ["DMDPipeline"]
 
@@ -257,6 +265,18 @@ class DMDPipeline(DistillationPipeline):
             dist.broadcast(index, src=0)
         return int(index.item())
 
+    def _unroll_this_iteration(self, device: torch.device) -> bool:
+        """Backward simulation on this iteration? Always, unless ``backward_simulation_prob``
+        < 1: then a coin drawn on rank 0 and shared by every rank."""
+        prob = self.config.backward_simulation_prob
+        if prob >= 1.0:
+            return True
+        coin = torch.rand(1)
+        if dist.is_available() and dist.is_initialized():
+            coin = coin.to(device)
+            dist.broadcast(coin, src=0)
+        return bool(coin.item() < prob)
+
     def _student_input(
         self,
         latents: torch.Tensor | None,
@@ -274,7 +294,7 @@ class DMDPipeline(DistillationPipeline):
             return x, torch.full((batch,), max_t, device=device, dtype=torch.float32)
         t_list = cfg.sample_t_cfg.t_list
         assert t_list is not None  # DMDConfig requires it when student_sample_steps > 1
-        if cfg.backward_simulation:
+        if cfg.backward_simulation and self._unroll_this_iteration(device):
             rung = self._rung_index(len(t_list) - 1, device)
             x = (noise.to(torch.float64) * t_list[0]).to(noise.dtype)
             with torch.no_grad():
@@ -290,6 +310,7 @@ class DMDPipeline(DistillationPipeline):
         if latents is None:
             raise ValueError(
                 f"student_sample_steps={cfg.student_sample_steps} without backward_simulation "
+                f"(or with backward_simulation_prob={cfg.backward_simulation_prob} < 1) "
                 "noises real latents to a rung of t_list: pass latents"
             )
         t = self._rows(lambda n: sample_from_t_list(n, t_list, device=device), batch)
@@ -357,13 +378,14 @@ class DMDPipeline(DistillationPipeline):
         t: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None,
         negative_encoder_hidden_states: torch.Tensor | None,
-        guidance_scale: float | None,
+        guidance_scale: float | torch.Tensor | None,
         model_kwargs: dict[str, Any],
         negative_model_kwargs: dict[str, Any],
         capture: FeatureCapture | None,
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Teacher x0 (detached, CFG applied) and, with ``capture``, the conditional pass's
-        features with their graph to ``x_t`` kept."""
+        """Teacher x0 (detached, CFG applied, then ``guidance_norm``) and, with ``capture``,
+        the conditional pass's features with their graph to ``x_t`` kept. ``guidance_scale``
+        may be per sample (``[B]``)."""
         batch = x_t.shape[0]
         record: contextlib.AbstractContextManager[list[torch.Tensor]]
         record = capture.record() if capture is not None else contextlib.nullcontext([])
@@ -407,6 +429,14 @@ class DMDPipeline(DistillationPipeline):
             if self.guidance_scale_fn is not None:
                 scale = self._per_sample_scale(t, cond)
             teacher_x0 = classifier_free_guidance(cond, uncond, scale)
+            if self.config.guidance_norm is not None:
+                teacher_x0 = normalize_guidance(
+                    teacher_x0.detach(),
+                    cond.detach(),
+                    x_t.detach(),
+                    self.config.guidance_norm,
+                    self.config.guidance_norm_clamp,
+                )
         return teacher_x0.detach(), (features if capture is not None else None)
 
     def _per_sample_scale(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -419,6 +449,66 @@ class DMDPipeline(DistillationPipeline):
             )
         # Broadcast over the sample's dimensions; the CFG arithmetic stays in cond's dtype.
         return scale.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+    def _draw_guidance_scale(self, batch: int, device: torch.device) -> torch.Tensor:
+        """Per-sample CFG scales from ``U(*guidance_scale_range)`` (drawn for the global
+        batch like every other draw)."""
+        assert self.config.guidance_scale_range is not None
+        low, high = self.config.guidance_scale_range
+        draw = self._rows(lambda n: torch.rand(n, device=device, dtype=torch.float64), batch)
+        return (low + (high - low) * draw).to(torch.float32)
+
+    def _isg_loss(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        gen: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        negative_encoder_hidden_states: torch.Tensor | None,
+        scale: float | torch.Tensor | None,
+        model_kwargs: dict[str, Any],
+        negative_model_kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """Intra-segment guidance: the student's own Euler jump ``t -> t_prev`` against the
+        teacher's step ``t -> t_mid`` followed by the student's (no grad) ``t_mid -> t_prev``."""
+        cfg = self.config
+        t_list = cfg.sample_t_cfg.t_list
+        if cfg.student_sample_steps == 1 or t_list is None:
+            t_list = [cfg.sample_t_cfg.max_t, 0.0]
+        t_prev = next_rung(t, t_list)
+        margin = cfg.isg_margin
+        low, high = t_prev + margin, t - margin
+        u = self._rows(lambda n: torch.rand(n, device=t.device, dtype=torch.float32), t.shape[0])
+        t_mid = torch.where(high > low, low + (high - low) * u, 0.5 * (t + t_prev))
+        isg_scale = cfg.isg_guidance_scale if cfg.isg_guidance_scale is not None else scale
+        with torch.no_grad():
+            teacher_x0, _ = self._guided_teacher_x0(
+                x.detach(),
+                t,
+                encoder_hidden_states,
+                negative_encoder_hidden_states,
+                isg_scale,
+                model_kwargs,
+                negative_model_kwargs,
+                None,
+            )
+            x_mid = renoise(teacher_x0, x, t, t_mid, sample_type="ode")
+            student_x0 = self._predict_x0(
+                self.student, x_mid, t_mid, encoder_hidden_states, model_kwargs
+            )
+            target = renoise(student_x0, x_mid, t_mid, t_prev, sample_type="ode")
+        own = renoise(gen, x, t, t_prev, sample_type="ode")  # keeps the graph to ``gen``
+        return pseudo_huber_loss(own, target, cfg.isg_huber_c)
+
+    def apply_ida(self) -> None:
+        """Implicit distribution alignment (``config.ida_ratio`` > 0; no-op otherwise): pull
+        the fake score toward the student, ``phi <- (1 - r) phi + r theta``. Call after each
+        student update (every rank: the update is elementwise on each rank's shards)."""
+        if self.config.ida_ratio <= 0:
+            return
+        from ..alignment import align_fake_score
+
+        align_fake_score(self.fake_score, self.student, self.config.ida_ratio)
 
     # -- public API -------------------------------------------------------------------------
 
@@ -433,7 +523,8 @@ class DMDPipeline(DistillationPipeline):
         negative_model_kwargs: dict[str, Any] | None = None,
         **model_kwargs: Any,
     ) -> dict[str, torch.Tensor]:
-        """Compute the student update losses: ``{"vsd", "total"}`` plus ``"gan_gen"`` with GAN.
+        """Compute the student update losses: ``{"vsd", "total"}`` plus ``"gan_gen"`` with GAN
+        and ``"isg"`` with intra-segment guidance (``config.isg_weight`` > 0).
 
         Gradient reaches the student only: ``teacher_x0`` is detached, the fake score runs under
         ``no_grad``, and the discriminator's weights are kept out of the graph. The GAN term
@@ -460,18 +551,24 @@ class DMDPipeline(DistillationPipeline):
                 f"guidance_scale={guidance_scale} must be >= 1 (1.0 = conditional only) or None "
                 "for the config's value"
             )
-        scale = guidance_scale if guidance_scale is not None else self.config.guidance_scale
+        cfg = self.config
+        batch = noise.shape[0]
+        scale: float | torch.Tensor | None = (
+            guidance_scale if guidance_scale is not None else cfg.guidance_scale
+        )
+        if guidance_scale is None and cfg.guidance_scale_range is not None:
+            scale = self._draw_guidance_scale(batch, noise.device)
         negative_kwargs = {**model_kwargs, **(negative_model_kwargs or {})}
         if (
             scale is not None
             and negative_encoder_hidden_states is None
             and (encoder_hidden_states is not None or negative_model_kwargs is None)
         ):
+            shown = cfg.guidance_scale_range if isinstance(scale, torch.Tensor) else scale
             raise ValueError(
-                f"guidance_scale={scale} needs negative conditioning: pass "
+                f"guidance_scale={shown} needs negative conditioning: pass "
                 "negative_encoder_hidden_states (or set guidance_scale=None to disable CFG)"
             )
-        batch = noise.shape[0]
 
         self._sample_cache = None  # the student is about to change
         x_in, t_in = self._student_input(latents, noise, encoder_hidden_states, model_kwargs)
@@ -504,13 +601,32 @@ class DMDPipeline(DistillationPipeline):
                 "teacher_x0": teacher_x0,
                 "fake_x0": fake_x0,
             }
-        if features is None:
-            return {"vsd": vsd, "total": vsd}
-        assert self.discriminator is not None  # features come only with gan_enabled
-        with _params_frozen(self.discriminator):
-            gan_gen = gan_gen_loss(self.discriminator(features))
-        total = vsd + self.config.gan_loss_weight_gen * gan_gen
-        return {"vsd": vsd, "gan_gen": gan_gen, "total": total}
+        losses = {"vsd": vsd}
+        total = vsd
+        if cfg.isg_weight > 0:
+            isg = self._isg_loss(
+                x_in,
+                t_in,
+                gen,
+                encoder_hidden_states,
+                negative_encoder_hidden_states,
+                scale,
+                model_kwargs,
+                negative_kwargs,
+            )
+            losses["isg"] = isg
+            total = total + cfg.isg_weight * isg
+        if features is not None:
+            assert self.discriminator is not None  # features come only with gan_enabled
+            weight = None
+            if cfg.gan_rung_weighting == "one_minus_t_squared":
+                weight = (1.0 - t_in.float()) ** 2
+            with _params_frozen(self.discriminator):
+                gan_gen = gan_gen_loss(self.discriminator(features), weight)
+            losses["gan_gen"] = gan_gen
+            total = total + cfg.gan_loss_weight_gen * gan_gen
+        losses["total"] = total
+        return losses
 
     def compute_fake_score_loss(
         self,

@@ -144,6 +144,7 @@ def train_step(
     trainer.prepared.reshard()
     if student_turn:
         trainer.dmd.update_ema(iteration=step)
+        trainer.dmd.apply_ida()  # no-op unless the recipe sets ida_ratio
     progress.counter.step = step + 1
     logs = _mean_over_ranks(run, logs)
     logs["lr/student"] = float(trainer.prepared.schedulers["student"].get_last_lr()[0])

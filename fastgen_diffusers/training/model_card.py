@@ -277,7 +277,25 @@ def _recipe_rows(
     ]
     if recipe.gan_r1_reg_weight > 0:
         rows.append(("R1 weight", recipe.gan_r1_reg_weight))
-    rows.append(("backward simulation", "yes" if recipe.backward_simulation else "no"))
+    simulation = "yes" if recipe.backward_simulation else "no"
+    if recipe.backward_simulation and recipe.backward_simulation_prob < 1:
+        simulation = f"{recipe.backward_simulation_prob:g} of the iterations, else real latents"
+    rows.append(("backward simulation", simulation))
+    # The stabilizers, only when on (SenseFlow and CFG-norm options of DMDConfig).
+    if recipe.guidance_scale_range is not None:
+        low, high = recipe.guidance_scale_range
+        rows.append(("teacher CFG scale per sample", f"U({low:g}, {high:g})"))
+    if recipe.guidance_norm is not None:
+        norm = recipe.guidance_norm
+        if norm == "clamp":
+            norm += f", k = {recipe.guidance_norm_clamp:g}"
+        rows.append(("guidance norm", norm))
+    if recipe.ida_ratio > 0:
+        rows.append(("IDA ratio", recipe.ida_ratio))
+    if recipe.isg_weight > 0:
+        rows.append(("ISG weight", recipe.isg_weight))
+    if recipe.gan_rung_weighting != "constant":
+        rows.append(("GAN weight per rung", "(1 - t)^2"))
     if recipe.ema is not None:
         rows.append(("EMA", f"{recipe.ema.type}, exported weights are the EMA"))
     return rows

@@ -483,9 +483,11 @@ def check_video_backend(args: TrainingArguments, family: Any) -> None:
 
 def needs_media(cfg: DMDConfig) -> bool:
     """Whether the recipe trains on real latents: the GAN branch, or a multi-step student that
-    starts from noised data rather than its own backward simulation."""
+    starts from noised data rather than its own backward simulation (on every iteration, or on
+    those ``backward_simulation_prob`` < 1 leaves to real latents)."""
     return cfg.gan_loss_weight_gen > 0 or (
-        cfg.student_sample_steps > 1 and not cfg.backward_simulation
+        cfg.student_sample_steps > 1
+        and (not cfg.backward_simulation or cfg.backward_simulation_prob < 1)
     )
 
 
@@ -524,7 +526,8 @@ def _check_dataset(args: TrainingArguments, cfg: DMDConfig) -> None:
     if needs_media(cfg) and not {IMAGE_COLUMN, VIDEO_COLUMN} & set(dataset.column_names):
         raise UserError(
             "This recipe needs real images/videos (GAN branch, or a multi-step student without "
-            "backward_simulation), but the dataset has prompts only",
+            "backward_simulation or with backward_simulation_prob < 1), but the dataset has "
+            "prompts only",
             fix="give a dataset with images (--image_column) or videos (--video_column), or "
             "change the recipe",
         )
