@@ -525,3 +525,52 @@ def test_card_snippet_runs_both_experts(trained, layout, tmp_path, monkeypatch):
         for expert in (pipe.transformer, pipe.transformer_2):
             assert list(expert.peft_config) == ["default_0"]
     assert ns["video"] is not None and len(ns["video"]) == FRAMES
+
+
+def test_memory_plan_counts_both_experts(a14b, tmp_path, capsys):
+    """A pipeline with transformer_2 plans two of every network: frozen weights, trained
+    weights, gradients, optimizer state and EMA are exactly twice the one-expert figures (same
+    transformer config), and the one-GPU activations are the one-expert ones (each row runs
+    through one expert); the command line reads the experts from model_index.json."""
+    import dataclasses
+
+    from fastgen_diffusers.plan import (
+        PlanSettings,
+        load_experts,
+        load_transformer_config,
+        main,
+        plan_memory,
+    )
+
+    path = a14b[0]
+    one = save_tiny_wan(tmp_path / "one")
+    assert (load_experts(str(path)), load_experts(str(one))) == (2, 1)
+    assert load_experts("Wan-AI/Wan2.2-T2V-A14B-Diffusers") == 2  # shipped copy, no network
+    assert load_experts("Wan-AI/Wan2.1-T2V-14B-Diffusers") == 1
+    config = load_transformer_config(str(path))
+    assert config == load_transformer_config(str(one))
+    settings = PlanSettings(height=HEIGHT, width=WIDTH, num_frames=FRAMES, gan=False)
+    doubled = (
+        "frozen weights",
+        "trained weights (fp32)",
+        "optimizer state",
+        "EMA (fp32, full on every GPU)",
+    )
+    for layout in ("full", "shared_lora"):
+        s = dataclasses.replace(settings, layout=layout, rank=4)
+        single, pair = plan_memory(config, s), plan_memory(config, s, experts=2)
+        assert pair.experts == 2 and pair.num_params == 2 * single.num_params
+        for line in doubled:
+            assert single.lines[line] > 0 and pair.lines[line] == 2 * single.lines[line], line
+        acts = [k for k in single.lines if k.startswith("activations")]
+        assert acts and all(pair.lines[k] == single.lines[k] for k in acts)
+        # Two ranks: every rank also runs one row through the expert it has no sample for.
+        two = dataclasses.replace(s, num_gpus=2)
+        pair2, single2 = plan_memory(config, two, experts=2), plan_memory(config, two)
+        assert pair2.lines["frozen weights"] == 2 * single2.lines["frozen weights"]
+        assert sum(pair2.lines[k] for k in acts if k in pair2.lines) > sum(
+            single2.lines[k] for k in acts if k in single2.lines
+        )
+    assert main(["--pretrained_model_name_or_path", str(path), "--resolution", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "WanTransformer3DModel (2 experts," in out and "2 experts (transformer" in out
