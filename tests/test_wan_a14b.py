@@ -574,3 +574,93 @@ def test_memory_plan_counts_both_experts(a14b, tmp_path, capsys):
     assert main(["--pretrained_model_name_or_path", str(path), "--resolution", "64"]) == 0
     out = capsys.readouterr().out
     assert "WanTransformer3DModel (2 experts," in out and "2 experts (transformer" in out
+
+
+def test_i2v_teacher_mixture_reproduces_stock_pipeline(a14b):
+    """Wan 2.2 I2V-A14B layout: a two-expert WanImageToVideoPipeline (boundary_ratio 0.9, no
+    CLIP image encoder, [mask, condition latents] concatenated along channels; Euler shift 5,
+    6 steps, guidance_scale 4 / guidance_scale_2 2) and sample_teacher on WanExperts with the
+    pipeline's own image condition (prepare_image_condition) give the same latents."""
+    import numpy as np
+    import PIL.Image
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    from fastgen_diffusers.plugins import wan
+
+    experts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        experts.append(
+            WanTransformer3DModel(
+                patch_size=(1, 2, 2),
+                num_attention_heads=2,
+                attention_head_dim=12,
+                in_channels=12,  # 4 noisy + 4 frame mask + 4 condition channels
+                out_channels=4,
+                text_dim=16,
+                freq_dim=16,
+                ffn_dim=32,
+                num_layers=2,
+                rope_max_seq_len=32,
+            ).eval()
+        )
+    pipe = WanImageToVideoPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=a14b[2].vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        image_processor=None,
+        image_encoder=None,
+        transformer=experts[0],
+        transformer_2=experts[1],
+        boundary_ratio=0.9,
+    )
+    rng = np.random.default_rng(3)
+    image = PIL.Image.fromarray((rng.random((HEIGHT, WIDTH, 3)) * 255).astype(np.uint8))
+    pos, neg = _embeds(1)
+    noise = _noise(1)
+    high_calls, low_calls = _count_calls(experts[0]), _count_calls(experts[1])
+    ref = pipe(
+        image=image,
+        prompt_embeds=pos,
+        negative_prompt_embeds=neg,
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=FRAMES,
+        num_inference_steps=6,
+        guidance_scale=4.0,
+        guidance_scale_2=2.0,
+        latents=noise,
+        output_type="latent",
+    ).frames
+    sigmas = pipe.scheduler.sigmas.tolist()
+    sides = expert_of_rungs(sigmas, 0.9)
+    assert "high" in sides and "low" in sides
+    assert high_calls[0] == 2 * sides.count("high") and low_calls[0] == 2 * sides.count("low")
+    cond = wan.prepare_image_condition(pipe, image, HEIGHT, WIDTH, FRAMES)
+    assert set(cond) == {"condition_latents"}
+    assert cond["condition_latents"].shape == (1, 8, *LATENT[1:])
+    teacher = WanExperts(WanWrapper(experts[0]), WanWrapper(experts[1]), boundary_ratio=0.9)
+    kwargs = dict(encoder_hidden_states=pos, negative_encoder_hidden_states=neg)
+    ours = sample_teacher(
+        teacher,
+        noise,
+        sigmas,
+        guidance_scale=4.0,
+        guidance_scale_fn=lambda t: teacher.guidance_scales(t, 4.0, 2.0),
+        model_kwargs=cond,
+        **kwargs,
+    )
+    torch.testing.assert_close(ours, ref, **TOL)
+    # Negative control: without the image condition's content the result is far off.
+    blank = {"condition_latents": torch.zeros_like(cond["condition_latents"])}
+    wrong = sample_teacher(
+        teacher,
+        noise,
+        sigmas,
+        guidance_scale=4.0,
+        guidance_scale_fn=lambda t: teacher.guidance_scales(t, 4.0, 2.0),
+        model_kwargs=blank,
+        **kwargs,
+    )
+    assert (wrong - ref).abs().max() > 1e-3
