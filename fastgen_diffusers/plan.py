@@ -29,6 +29,11 @@ peak of a forward without grad. Under FSDP2 (``--num_gpus N > 1``) frozen and tr
 gradients and optimizer states are divided by N, and two unsharded blocks (the one computing
 and the prefetched one) are added. The fit check adds 1 GiB for the CUDA context and
 communication buffers and 5% for allocator fragmentation.
+
+A pipeline whose ``model_index.json`` names a ``transformer_2`` of the same config (Wan 2.2
+A14B) trains every network per expert: weights, gradients (a batch may hold rows of both),
+optimizer states, EMA and discriminator are counted twice. Activations are one expert's on one
+GPU (each row runs through one expert); under FSDP2 every rank runs both experts, one row more.
 """
 
 from __future__ import annotations
