@@ -351,8 +351,8 @@ def test_each_rung_trains_the_expert_the_pipeline_runs_it_with(a14b, rung):
 
 
 def test_two_expert_run_mistakes_are_caught_before_loading(a14b, tmp_path):
-    """The GAN branch and --guidance_scale_2 without CFG are refused by the preflight, naming
-    the value and the fix."""
+    """--guidance_scale_2 without CFG is refused by the preflight, naming the value and the
+    fix."""
     from fastgen_diffusers.training import parse_args
     from fastgen_diffusers.training.errors import UserError
     from fastgen_diffusers.training.preflight import preflight
@@ -360,7 +360,6 @@ def test_two_expert_run_mistakes_are_caught_before_loading(a14b, tmp_path):
     (tmp_path / "prompts.jsonl").write_text('{"text": "a cat"}\n')
     base = _train_argv(a14b[0], tmp_path, tmp_path / "out")
     cases = {
-        "gan_loss_weight_gen=0.03": ["gan_loss_weight_gen=0.03", "two-expert", "gan_loss"],
         "guidance_scale=null": ["--guidance_scale_2 3.0", "guidance_scale is null"],
     }
     for override, expected in cases.items():
@@ -689,3 +688,105 @@ def test_i2v_pipeline_is_refused_with_what_is_missing(a14b, tmp_path):
     assert "WanImageToVideoPipeline" in message and "image-to-video" in message
     assert "T2V-A14B" in message and "\n" not in message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # end-to-end training runs
+@pytest.mark.parametrize("layout", ["full", "shared_lora"])
+def test_gan_with_two_experts_trains_and_resumes_exactly(a14b, tmp_path, layout):
+    """The GAN branch with two experts: one head set per expert, each fed the features of the
+    rows its expert scored. A run on videos trains both head sets and, resumed from
+    checkpoint-2, logs the same losses and exports the same two experts bit for bit."""
+    import json
+    import shutil
+
+    import numpy as np
+    from diffusers.utils import export_to_video
+    from safetensors.torch import load_file
+
+    from fastgen_diffusers.training import parse_args, train
+
+    root = tmp_path / "data"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, prompt in enumerate(RUN_PROMPTS):
+        frames = [rng.random((HEIGHT, WIDTH, 3)).astype(np.float32) for _ in range(FRAMES)]
+        export_to_video(frames, str(root / f"clip{i}.mp4"), fps=16)
+        rows.append(json.dumps({"text": prompt, "video": f"clip{i}.mp4"}) + "\n")
+    (root / "prompts.jsonl").write_text("".join(rows))
+    flags = ["--video_column", "video", "--checkpointing_steps", "2"]
+    if layout == "shared_lora":
+        flags += ["--use_lora", "--rank", "4", "--lora_layout", "shared_lora"]
+    flags += ["--recipe_overrides"]
+    flags += ["student_update_freq=2", "ema.decay=0.9", "gan_loss_weight_gen=0.03"]
+    flags += ["backward_simulation=false", "gan_use_same_t_noise=true"]
+    straight = tmp_path / "straight"
+    train(parse_args(_train_argv(a14b[0], root, straight, *flags)))
+    logged = [
+        json.loads(line) for line in (straight / "logs" / "losses.jsonl").read_text().splitlines()
+    ]
+    assert all(("student/gan_gen" in r) != ("discriminator/gan_disc" in r) for r in logged)
+
+    # Both head sets trained (the batch of 2 at shift 5 draws t on both sides of 0.875).
+    def heads(step: int) -> dict[str, torch.Tensor]:
+        files = sorted((straight / f"checkpoint-{step}" / "state").glob("*.safetensors"))
+        tensors = {k: v for f in files for k, v in load_file(f).items()}
+        return {k: v for k, v in tensors.items() if "discriminator" in k and "optim" not in k}
+
+    disc, later = heads(2), heads(4)
+    for expert in ("high", "low"):
+        keys = [k for k in disc if f"{expert}." in k]
+        assert keys and any(not torch.equal(disc[k], later[k]) for k in keys), expert
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copytree(straight / "logs", resumed / "logs")
+    train(
+        parse_args(
+            _train_argv(a14b[0], root, resumed, "--resume_from_checkpoint", "latest", *flags)
+        )
+    )
+    losses = (resumed / "logs" / "losses.jsonl").read_text()
+    assert losses == (straight / "logs" / "losses.jsonl").read_text()
+    a, b = _exported(straight), _exported(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gan_features_and_heads_follow_each_rows_expert(a14b):
+    """With two experts each row's captured features come from the expert its t belongs to (in
+    batch order) and its logits from that expert's head set."""
+    from fastgen_diffusers.features import detach_feature_capture, get_feature_capture
+    from fastgen_diffusers.plugins import wan
+    from fastgen_diffusers.plugins.wan_experts import ExpertsDiscriminator
+
+    _, family, pipe = a14b
+    teacher = family.wrap_transformers([pipe.transformer, pipe.transformer_2])
+    capture = wan.attach_feature_capture(teacher)
+    try:
+        torch.manual_seed(0)
+        disc = wan.build_discriminator(teacher)
+        assert isinstance(disc, ExpertsDiscriminator) and get_feature_capture(teacher) is capture
+        t = torch.tensor([0.3, 0.95, 0.9, 0.5])
+        x, (pos, _) = _noise(4), _embeds(4)
+        with torch.no_grad():
+            with capture.record() as mixed:
+                teacher(hidden_states=x, timestep=t, encoder_hidden_states=pos)
+            logits = disc(mixed)
+            assert mixed.high_rows.tolist() == [False, True, True, False]
+            for i, side in enumerate(["low", "high", "high", "low"]):
+                with capture.record() as alone:
+                    teacher(
+                        hidden_states=x[i : i + 1],
+                        timestep=t[i : i + 1],
+                        encoder_hidden_states=pos[i : i + 1],
+                    )
+                assert alone.high_rows.tolist() == [side == "high"]
+                for a, b in zip(mixed, alone):
+                    torch.testing.assert_close(a[i : i + 1], b, rtol=1e-5, atol=1e-5)
+                head = getattr(disc, side)(list(alone))
+                other = getattr(disc, "low" if side == "high" else "high")(list(alone))
+                torch.testing.assert_close(logits[i : i + 1], head, rtol=1e-5, atol=1e-5)
+                assert (logits[i : i + 1] - other).abs().max() > 1e-4
+        with pytest.raises(ValueError, match="ExpertsFeatureCapture"):
+            disc(list(mixed))
+    finally:
+        detach_feature_capture(teacher)
