@@ -12,7 +12,8 @@ of a batch goes to the expert its ``t`` belongs to (a batch may hold both; each 
 own rows and the outputs are put back in order). The DMD2 teacher, fake score and student are
 each one ``WanExperts``: the student's rungs at or above the boundary are served by its high
 expert, the rest by its low expert, exactly as the stock pipeline will run the exported
-``transformer`` / ``transformer_2``.
+``transformer`` / ``transformer_2``. The GAN branch keeps one discriminator head set per expert
+(:class:`ExpertsDiscriminator`) fed by :class:`ExpertsFeatureCapture`.
 
 Example::
 
