@@ -49,7 +49,6 @@ __all__ = [
     "EXPERT_NAMES",
     "ExpertsDiscriminator",
     "ExpertsFeatureCapture",
-    "RoutedFeatures",
     "WanExperts",
     "check_expert_sides",
     "expert_of_rungs",
@@ -220,21 +219,16 @@ def check_expert_sides(
 # parameter on every rank) and a row's logits never mix the two feature spaces.
 
 
-class RoutedFeatures(list):
-    """Captured features (one tensor per block, batch order) and ``high_rows``: ``[B]`` bool,
-    the rows the high expert scored."""
-
-    high_rows: torch.Tensor | None = None
-
-
 def find_experts(model: nn.Module) -> WanExperts | None:
     """The :class:`WanExperts` ``model`` is or wraps (role views, DDP, compile), else ``None``."""
     return next((m for m in unwrap_module(model) if isinstance(m, WanExperts)), None)
 
 
 class ExpertsFeatureCapture(FeatureCapture):
-    """The two experts' captures recorded as one: features in batch order, each row's from the
-    expert that ran it, as :class:`RoutedFeatures`."""
+    """The two experts' captures recorded as one: one tensor per block in batch order, each
+    row's from the expert that ran it, then ``high_rows`` (``[B]`` bool: the rows the high
+    expert scored). The routing travels in the list, as a tensor, because wrappers (FSDP2)
+    rebuild the discriminator's inputs."""
 
     def __init__(self, experts: WanExperts, captures: Sequence[FeatureCapture]) -> None:
         high, low = captures
@@ -256,7 +250,7 @@ class ExpertsFeatureCapture(FeatureCapture):
 
     @contextmanager
     def record(self) -> Iterator[list[torch.Tensor]]:
-        features = RoutedFeatures()
+        features: list[torch.Tensor] = []
         self.experts.last_rows = {}
         per_expert: list[list[torch.Tensor]] = []
         with ExitStack() as stack:
@@ -270,14 +264,20 @@ class ExpertsFeatureCapture(FeatureCapture):
         parts = dict(zip(EXPERT_NAMES, per_expert))
         order = torch.argsort(torch.cat([rows[name] for name in used]))
         for i in range(len(self.feature_indices)):
-            # An expert run on a dummy row (several ranks) has features but no rows: dropped.
             block = [parts[name][i][: len(rows[name])] for name in used]
             features.append(torch.cat(block)[order.to(block[0].device)])
+        # An expert run on a dummy row (several ranks) has features but no rows: kept in the
+        # graph with a zero weight, so that the GAN loss's backward runs through both sharded
+        # experts on every rank (their gathers pair up across ranks).
+        for name in EXPERT_NAMES:
+            if name not in rows and parts[name]:
+                zero = sum(f[:0].sum() for f in parts[name])
+                features[0] = features[0] + zero.to(features[0].dtype)
         batch = sum(len(rows[name]) for name in used)
         high_rows = torch.zeros(batch, dtype=torch.bool, device=order.device)
         if "high" in rows:
             high_rows[rows["high"]] = True
-        features.high_rows = high_rows
+        features.append(high_rows)
 
     def remove(self) -> None:
         for expert in self.experts.experts():
@@ -294,8 +294,8 @@ def attach_experts_feature_capture(
 
 
 class ExpertsDiscriminator(nn.Module):
-    """One discriminator per expert (``high``, ``low``); each row of :class:`RoutedFeatures`
-    gets the logits of its expert's discriminator."""
+    """One discriminator per expert (``high``, ``low``) over an :class:`ExpertsFeatureCapture`'s
+    list (block features, then ``high_rows``); each row gets its expert's logits."""
 
     def __init__(self, high: nn.Module, low: nn.Module) -> None:
         super().__init__()
@@ -303,11 +303,12 @@ class ExpertsDiscriminator(nn.Module):
         self.low = low
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        high_rows = getattr(features, "high_rows", None)
-        if high_rows is None:
+        *blocks, high_rows = features
+        if high_rows.dtype != torch.bool or high_rows.ndim != 1:
             raise ValueError(
-                "ExpertsDiscriminator needs the features of an ExpertsFeatureCapture (they say "
-                "which expert scored each row)"
+                "ExpertsDiscriminator needs the features of an ExpertsFeatureCapture (block "
+                f"features, then the [B] bool rows of the high expert); the last item is a "
+                f"{high_rows.dtype} tensor of shape {tuple(high_rows.shape)}"
             )
-        high, low = self.high(list(features)), self.low(list(features))
+        high, low = self.high(blocks), self.low(blocks)
         return torch.where(high_rows.to(high.device).view(-1, *[1] * (high.ndim - 1)), high, low)
