@@ -5,7 +5,7 @@
 Per GPU, bf16 frozen weights, fp32 trained weights, AdamW, the recipe's GAN / CFG / EMA, gradient
 checkpointing on, batch 1 per GPU, at each recipe's resolution; 1 and 8 GPUs (FSDP2); whether
 the peak fits 24 / 48 / 80 GB cards. The transformer configs are the copies in
-``fastgen_diffusers/plan_configs/`` (sources in the README).
+``fastgen_diffusers/plan_configs/`` (sources in the README); Wan 2.2 A14B counts its two experts.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fastgen_diffusers.plan import (  # noqa: E402  # noqa: E402
     PlanSettings,
     _Planner,
     _recipe_flags,
+    load_experts,
     load_transformer_config,
 )
 
@@ -32,6 +33,7 @@ TEACHERS = [
     ("black-forest-labs/FLUX.1-dev", R + "dmd2_flux1_dev", 1024, 1024, None),
     ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", R + "dmd2_wan21_t2v_1_3b", 480, 832, 81),
     ("Wan-AI/Wan2.1-T2V-14B-Diffusers", R + "dmd2_wan21_t2v_14b", 480, 832, 81),
+    ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", R + "dmd2_wan22_a14b_t2v", 480, 832, 81),
     ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", R + "dmd2_wan22_5b", 704, 1280, 121),
     ("Qwen/Qwen-Image", R + "dmd2_qwen_image", 1328, 1328, None),
 ]
@@ -46,7 +48,7 @@ def main() -> None:
     for name, recipe, height, width, frames in TEACHERS:
         if only and not any(o in name for o in only):
             continue
-        planner = _Planner(load_transformer_config(name))
+        planner = _Planner(load_transformer_config(name), load_experts(name))
         base = PlanSettings(
             height=height,
             width=width,

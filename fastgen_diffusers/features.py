@@ -149,9 +149,10 @@ class FeatureCapture:
         return len(self.feature_indices)
 
     @contextmanager
-    def record(self) -> Iterator[list[torch.Tensor]]:
+    def record(self, *, optional: bool = False) -> Iterator[list[torch.Tensor]]:
         """Record the hooked blocks during the enclosed forward; the yielded list is filled on
-        exit."""
+        exit. ``optional``: a forward that did not run the hooked module leaves it empty (one of
+        two experts) instead of raising."""
         if self._recording:
             raise RuntimeError("FeatureCapture.record() is not re-entrant")
         features: list[torch.Tensor] = []
@@ -163,6 +164,8 @@ class FeatureCapture:
             self._recording = False
             store, self._store = self._store, {}
         missing = [i for i in self.feature_indices if i not in store]
+        if optional and len(missing) == len(self.feature_indices):
+            return
         if missing:
             raise RuntimeError(
                 f"Feature capture recorded no output for blocks {missing}; the forward inside "

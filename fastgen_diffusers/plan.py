@@ -29,6 +29,11 @@ peak of a forward without grad. Under FSDP2 (``--num_gpus N > 1``) frozen and tr
 gradients and optimizer states are divided by N, and two unsharded blocks (the one computing
 and the prefetched one) are added. The fit check adds 1 GiB for the CUDA context and
 communication buffers and 5% for allocator fragmentation.
+
+A pipeline whose ``model_index.json`` names a ``transformer_2`` of the same config (Wan 2.2
+A14B) trains every network per expert: weights, gradients (a batch may hold rows of both),
+optimizer states, EMA and discriminator are counted twice. Activations are one expert's on one
+GPU (each row runs through one expert); under FSDP2 every rank runs both experts, one row more.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ __all__ = [
     "MemoryPlan",
     "PlanSettings",
     "format_plan",
+    "load_experts",
     "load_transformer_config",
     "main",
     "measure_activations",
@@ -109,6 +115,34 @@ def load_transformer_config(name_or_path: str, revision: str | None = None) -> d
 
     path = hf_hub_download(name_or_path, "transformer/config.json", revision=revision)
     return json.loads(Path(path).read_text())
+
+
+def _has_second_expert(model_index: dict[str, Any]) -> bool:
+    component = model_index.get("transformer_2")
+    return isinstance(component, list) and any(part is not None for part in component)
+
+
+def load_experts(name_or_path: str, revision: str | None = None) -> int:
+    """How many transformers of the same config the pipeline runs: 2 when its
+    ``model_index.json`` names a ``transformer_2`` (Wan 2.2 A14B's low-noise expert), else 1. Read
+    from a local pipeline folder, a shipped copy (``plan_configs/<id>.model_index.json``) or the
+    Hub (that one file); a transformer folder, or a Hub repo without the file, is one expert."""
+    local = Path(name_or_path)
+    if local.is_dir():
+        index = local / "model_index.json"
+        return 2 if index.is_file() and _has_second_expert(json.loads(index.read_text())) else 1
+    shipped = _shipped_config(name_or_path)
+    if shipped is not None and revision is None:
+        index = shipped.with_name(shipped.stem + ".model_index.json")
+        return 2 if index.is_file() and _has_second_expert(json.loads(index.read_text())) else 1
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        path = hf_hub_download(name_or_path, "model_index.json", revision=revision)
+    except EntryNotFoundError:
+        return 1
+    return 2 if _has_second_expert(json.loads(Path(path).read_text())) else 1
 
 
 def build_meta_transformer(config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
@@ -393,6 +427,7 @@ class MemoryPlan:
     peak: int = 0
     step: str = "student"
     notes: list[str] = field(default_factory=list)
+    experts: int = 1
 
     def fits(self, gpu_memory: int) -> bool:
         return self.peak * (1 + FRAGMENTATION) + RUNTIME_OVERHEAD <= gpu_memory
@@ -401,8 +436,11 @@ class MemoryPlan:
 class _Planner:
     """Plans for one transformer config; activation measurements cached across settings."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], experts: int = 1) -> None:
+        if experts not in (1, 2):
+            raise ValueError(f"experts={experts}: expected 1, or 2 (Wan 2.2 A14B)")
         self.config = config
+        self.experts = experts
         self._models: dict[Any, nn.Module] = {}
         self._acts: dict[Any, Activations] = {}
 
@@ -459,6 +497,10 @@ class _Planner:
         adapter = 0
         if lora_model is not None:
             adapter = sum(p.numel() for name, p in lora_model.named_parameters() if "lora_" in name)
+        # Two experts (Wan 2.2 A14B): every network is a pair of transformers of this config
+        # (two teachers, two students, two fakes, adapters per expert), each with its own
+        # weights, gradients, optimizer state, EMA and discriminator heads.
+        experts = self.experts
         copies = {"full": 1, "student_lora": 2, "separate_lora": 3, "shared_lora": 1}[s.layout]
         student_params = n if s.layout == "full" else adapter
         fake_params = n if s.layout in ("full", "student_lora") else adapter
@@ -468,14 +510,14 @@ class _Planner:
         disc_params = self._discriminator_params() if s.gan else 0
         shard = max(s.num_gpus, 1)
         lines: dict[str, int] = {}
-        lines["frozen weights"] = math.ceil(frozen / shard)
-        lines["trained weights (fp32)"] = math.ceil(trained * 4 / shard)
-        lines["gradients (student step)"] = math.ceil(student_params * 4 / shard)
+        lines["frozen weights"] = math.ceil(experts * frozen / shard)
+        lines["trained weights (fp32)"] = math.ceil(experts * trained * 4 / shard)
+        lines["gradients (student step)"] = math.ceil(experts * student_params * 4 / shard)
         lines["optimizer state"] = math.ceil(
-            _optimizer_bytes(s.optimizer, student_params + fake_params) / shard
+            experts * _optimizer_bytes(s.optimizer, student_params + fake_params) / shard
         )
-        lines["EMA (fp32, full on every GPU)"] = student_params * 4 if s.ema else 0
-        lines["discriminator (+grads, optimizer)"] = disc_params * 16
+        lines["EMA (fp32, full on every GPU)"] = experts * student_params * 4 if s.ema else 0
+        lines["discriminator (+grads, optimizer)"] = experts * disc_params * 16
         if shard > 1:
             lines["FSDP2 unsharded blocks (2)"] = 2 * self._largest_block(base) * weight_size
         if s.quantize_base != "none" and not full_copy_quantized:
@@ -485,18 +527,24 @@ class _Planner:
             largest = max((m.weight.numel() for _, m in quantizable_linears(base)), default=0)
             lines["dequantized weight (one layer)"] = largest * weight_size
         student_role = "full" if s.layout == "full" else "lora"
-        act_s = self.activations(s, student_role)
-        act_t = self.activations(s, "frozen")
+        shapes = s
+        if experts > 1 and shard > 1:
+            # On several ranks every rank runs both experts, one extra row through the expert it
+            # has no sample for (WanExperts), both graphs alive: the batch's activations plus
+            # one row's. On one GPU each row goes through one expert: the one-expert figure.
+            shapes = dataclasses.replace(s, train_batch_size=s.train_batch_size + 1)
+        act_s = self.activations(shapes, student_role)
+        act_t = self.activations(shapes, "frozen")
         if s.gan:
             extra = max(act_t.peak_no_grad, act_t.peak_train - act_t.saved)
             student_step = max(act_s.saved + act_t.saved + extra, act_s.peak_train)
         else:
             student_step = max(act_s.saved + act_t.peak_no_grad, act_s.peak_train)
         fake_role = "full" if s.layout in ("full", "student_lora") else "lora"
-        act_f = self.activations(s, fake_role)
+        act_f = self.activations(shapes, fake_role)
         fake_step = max(act_f.peak_train, act_t.peak_no_grad)
-        fake_grads = math.ceil(fake_params * 4 / shard)
-        plan = MemoryPlan(s, type(base).__name__, n)
+        fake_grads = math.ceil(experts * fake_params * 4 / shard)
+        plan = MemoryPlan(s, type(base).__name__, n * experts, experts=experts)
         if fake_step + fake_grads > student_step + lines["gradients (student step)"]:
             plan.step = "fake score"
             lines["gradients (student step)"] = fake_grads
@@ -508,6 +556,10 @@ class _Planner:
             )
         plan.lines = lines
         plan.peak = sum(lines.values())
+        if experts > 1:
+            plan.notes.append(
+                f"{experts} experts (transformer, transformer_2): every network counted per expert"
+            )
         if s.quantize_base != "none" and full_copy_quantized:
             plan.notes.append(f"layout {s.layout} trains full copies: nothing quantized")
         return plan
@@ -543,10 +595,14 @@ def _optimizer_bytes(optimizer: str, params: int) -> int:
 
 
 def plan_memory(
-    config: dict[str, Any], settings: PlanSettings, planner: _Planner | None = None
+    config: dict[str, Any],
+    settings: PlanSettings,
+    planner: _Planner | None = None,
+    experts: int = 1,
 ) -> MemoryPlan:
-    """The per-GPU memory of a run of ``settings`` on the transformer of ``config``."""
-    return (planner or _Planner(config)).plan(settings)
+    """The per-GPU memory of a run of ``settings`` on the transformer of ``config`` (``experts``:
+    2 for a pipeline with ``transformer_2`` of the same config, Wan 2.2 A14B)."""
+    return (planner or _Planner(config, experts)).plan(settings)
 
 
 _CHANGES: list[tuple[str, dict[str, Any]]] = [
@@ -596,8 +652,10 @@ def cheapest_fit(
 def format_plan(plan: MemoryPlan, gpu_memory: int | None = None, fix: Any = None) -> str:
     s = plan.settings
     size = f"{s.height}x{s.width}" + (f"x{s.num_frames}f" if s.num_frames else "")
+    experts = f"{plan.experts} experts, " if plan.experts > 1 else ""
     head = (
-        f"{plan.model_class} ({plan.num_params / 1e9:.2f}B parameters), layout {s.layout}"
+        f"{plan.model_class} ({experts}{plan.num_params / 1e9:.2f}B parameters), "
+        f"layout {s.layout}"
         + (f" rank {s.rank}" if s.layout != "full" else "")
         + f", {s.num_gpus} GPU(s), {size}, batch {s.train_batch_size}/GPU, "
         f"{s.mixed_precision or 'fp32'}, "
@@ -696,7 +754,7 @@ def settings_from_args(args: Any, num_gpus: int) -> PlanSettings:
 
 def _report(args: Any, num_gpus: int, gpu_memory: int | None) -> str:
     config = load_transformer_config(args.pretrained_model_name_or_path, args.revision)
-    planner = _Planner(config)
+    planner = _Planner(config, load_experts(args.pretrained_model_name_or_path, args.revision))
     settings = settings_from_args(args, num_gpus)
     plan = planner.plan(settings)
     fix = None

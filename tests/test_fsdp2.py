@@ -581,16 +581,36 @@ A14B_LOSS_RTOL = 5e-4
 
 @pytest.mark.parametrize(
     "layout",
-    [[], ["--use_lora", "--lora_layout", "shared_lora", "--rank", "4"]],
-    ids=["full", "shared_lora"],
+    [
+        [],
+        ["--use_lora", "--lora_layout", "shared_lora", "--rank", "4"],
+        ["--use_lora", "--lora_layout", "shared_lora", "--rank", "4", "gan"],
+    ],
+    ids=["full", "shared_lora", "shared_lora_gan"],
 )
 def test_two_expert_wan_on_two_ranks_equals_one_process(tmp_path, layout):
     """Wan 2.2 A14B (two experts, each sharded): 2 ranks with one sample each (their rows often
-    belong to different experts) equal one process over both samples."""
+    belong to different experts) equal one process over both samples; with the GAN branch each
+    rank's features and logits come from its rows' expert (the other expert's one-row run
+    dropped)."""
     model = save_tiny_wan(tmp_path / "a14b", boundary_ratio=0.875)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS[:4]))
     size = CALL_KWARGS["wan"]
+    overrides = ["student_update_freq=2", "ema.decay=0.9"]
+    rows = [{"text": p} for p in PROMPTS[:4]]
+    if "gan" in layout:
+        import numpy as np
+        from diffusers.utils import export_to_video
+
+        layout = [*layout[:-1], "--video_column", "video"]
+        overrides += ["gan_loss_weight_gen=0.03", "backward_simulation=false"]
+        rng = np.random.default_rng(0)
+        for i, row in enumerate(rows):
+            shape = (size["height"], size["width"], 3)
+            frames = [rng.random(shape).astype(np.float32) for _ in range(size["num_frames"])]
+            export_to_video(frames, str(tmp_path / f"clip{i}.mp4"), fps=16)
+            row["video"] = f"clip{i}.mp4"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
     def args(out: Path, batch: int) -> list[str]:
         return [
@@ -599,8 +619,7 @@ def test_two_expert_wan_on_two_ranks_equals_one_process(tmp_path, layout):
             "--recipe",
             "general/distillation/dmd2_wan22_a14b_t2v",
             "--recipe_overrides",
-            "student_update_freq=2",
-            "ema.decay=0.9",
+            *overrides,
             "--guidance_scale_2",
             "3.0",
             "--dataset_name",

@@ -351,8 +351,8 @@ def test_each_rung_trains_the_expert_the_pipeline_runs_it_with(a14b, rung):
 
 
 def test_two_expert_run_mistakes_are_caught_before_loading(a14b, tmp_path):
-    """The GAN branch and --guidance_scale_2 without CFG are refused by the preflight, naming
-    the value and the fix."""
+    """--guidance_scale_2 without CFG is refused by the preflight, naming the value and the
+    fix."""
     from fastgen_diffusers.training import parse_args
     from fastgen_diffusers.training.errors import UserError
     from fastgen_diffusers.training.preflight import preflight
@@ -360,7 +360,6 @@ def test_two_expert_run_mistakes_are_caught_before_loading(a14b, tmp_path):
     (tmp_path / "prompts.jsonl").write_text('{"text": "a cat"}\n')
     base = _train_argv(a14b[0], tmp_path, tmp_path / "out")
     cases = {
-        "gan_loss_weight_gen=0.03": ["gan_loss_weight_gen=0.03", "two-expert", "gan_loss"],
         "guidance_scale=null": ["--guidance_scale_2 3.0", "guidance_scale is null"],
     }
     for override, expected in cases.items():
@@ -525,3 +524,269 @@ def test_card_snippet_runs_both_experts(trained, layout, tmp_path, monkeypatch):
         for expert in (pipe.transformer, pipe.transformer_2):
             assert list(expert.peft_config) == ["default_0"]
     assert ns["video"] is not None and len(ns["video"]) == FRAMES
+
+
+def test_memory_plan_counts_both_experts(a14b, tmp_path, capsys):
+    """A pipeline with transformer_2 plans two of every network: frozen weights, trained
+    weights, gradients, optimizer state and EMA are exactly twice the one-expert figures (same
+    transformer config), and the one-GPU activations are the one-expert ones (each row runs
+    through one expert); the command line reads the experts from model_index.json."""
+    import dataclasses
+
+    from fastgen_diffusers.plan import (
+        PlanSettings,
+        load_experts,
+        load_transformer_config,
+        main,
+        plan_memory,
+    )
+
+    path = a14b[0]
+    one = save_tiny_wan(tmp_path / "one")
+    assert (load_experts(str(path)), load_experts(str(one))) == (2, 1)
+    assert load_experts("Wan-AI/Wan2.2-T2V-A14B-Diffusers") == 2  # shipped copy, no network
+    assert load_experts("Wan-AI/Wan2.1-T2V-14B-Diffusers") == 1
+    config = load_transformer_config(str(path))
+    assert config == load_transformer_config(str(one))
+    settings = PlanSettings(height=HEIGHT, width=WIDTH, num_frames=FRAMES, gan=False)
+    doubled = (
+        "frozen weights",
+        "trained weights (fp32)",
+        "optimizer state",
+        "EMA (fp32, full on every GPU)",
+    )
+    for layout in ("full", "shared_lora"):
+        s = dataclasses.replace(settings, layout=layout, rank=4)
+        single, pair = plan_memory(config, s), plan_memory(config, s, experts=2)
+        assert pair.experts == 2 and pair.num_params == 2 * single.num_params
+        for line in doubled:
+            assert single.lines[line] > 0 and pair.lines[line] == 2 * single.lines[line], line
+        acts = [k for k in single.lines if k.startswith("activations")]
+        assert acts and all(pair.lines[k] == single.lines[k] for k in acts)
+        # Two ranks: every rank also runs one row through the expert it has no sample for.
+        two = dataclasses.replace(s, num_gpus=2)
+        pair2, single2 = plan_memory(config, two, experts=2), plan_memory(config, two)
+        assert pair2.lines["frozen weights"] == 2 * single2.lines["frozen weights"]
+        assert sum(pair2.lines[k] for k in acts if k in pair2.lines) > sum(
+            single2.lines[k] for k in acts if k in single2.lines
+        )
+    assert main(["--pretrained_model_name_or_path", str(path), "--resolution", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "WanTransformer3DModel (2 experts," in out and "2 experts (transformer" in out
+
+
+def test_i2v_teacher_mixture_reproduces_stock_pipeline(a14b):
+    """Wan 2.2 I2V-A14B layout: a two-expert WanImageToVideoPipeline (boundary_ratio 0.9, no
+    CLIP image encoder, [mask, condition latents] concatenated along channels; Euler shift 5,
+    6 steps, guidance_scale 4 / guidance_scale_2 2) and sample_teacher on WanExperts with the
+    pipeline's own image condition (prepare_image_condition) give the same latents."""
+    import numpy as np
+    import PIL.Image
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    from fastgen_diffusers.plugins import wan
+
+    experts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        experts.append(
+            WanTransformer3DModel(
+                patch_size=(1, 2, 2),
+                num_attention_heads=2,
+                attention_head_dim=12,
+                in_channels=12,  # 4 noisy + 4 frame mask + 4 condition channels
+                out_channels=4,
+                text_dim=16,
+                freq_dim=16,
+                ffn_dim=32,
+                num_layers=2,
+                rope_max_seq_len=32,
+            ).eval()
+        )
+    pipe = WanImageToVideoPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=a14b[2].vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        image_processor=None,
+        image_encoder=None,
+        transformer=experts[0],
+        transformer_2=experts[1],
+        boundary_ratio=0.9,
+    )
+    rng = np.random.default_rng(3)
+    image = PIL.Image.fromarray((rng.random((HEIGHT, WIDTH, 3)) * 255).astype(np.uint8))
+    pos, neg = _embeds(1)
+    noise = _noise(1)
+    high_calls, low_calls = _count_calls(experts[0]), _count_calls(experts[1])
+    ref = pipe(
+        image=image,
+        prompt_embeds=pos,
+        negative_prompt_embeds=neg,
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=FRAMES,
+        num_inference_steps=6,
+        guidance_scale=4.0,
+        guidance_scale_2=2.0,
+        latents=noise,
+        output_type="latent",
+    ).frames
+    sigmas = pipe.scheduler.sigmas.tolist()
+    sides = expert_of_rungs(sigmas, 0.9)
+    assert "high" in sides and "low" in sides
+    assert high_calls[0] == 2 * sides.count("high") and low_calls[0] == 2 * sides.count("low")
+    cond = wan.prepare_image_condition(pipe, image, HEIGHT, WIDTH, FRAMES)
+    assert set(cond) == {"condition_latents"}
+    assert cond["condition_latents"].shape == (1, 8, *LATENT[1:])
+    teacher = WanExperts(WanWrapper(experts[0]), WanWrapper(experts[1]), boundary_ratio=0.9)
+    kwargs = dict(encoder_hidden_states=pos, negative_encoder_hidden_states=neg)
+    ours = sample_teacher(
+        teacher,
+        noise,
+        sigmas,
+        guidance_scale=4.0,
+        guidance_scale_fn=lambda t: teacher.guidance_scales(t, 4.0, 2.0),
+        model_kwargs=cond,
+        **kwargs,
+    )
+    torch.testing.assert_close(ours, ref, **TOL)
+    # Negative control: without the image condition's content the result is far off.
+    blank = {"condition_latents": torch.zeros_like(cond["condition_latents"])}
+    wrong = sample_teacher(
+        teacher,
+        noise,
+        sigmas,
+        guidance_scale=4.0,
+        guidance_scale_fn=lambda t: teacher.guidance_scales(t, 4.0, 2.0),
+        model_kwargs=blank,
+        **kwargs,
+    )
+    assert (wrong - ref).abs().max() > 1e-3
+
+
+def test_i2v_pipeline_is_refused_with_what_is_missing(a14b, tmp_path):
+    """An image-to-video pipeline (Wan 2.2 I2V-A14B's model_index.json) ends in one message
+    saying image-to-video is not trained yet and which pipeline to distill instead."""
+    import json
+    import shutil
+
+    from fastgen_diffusers.training import parse_args
+    from fastgen_diffusers.training.errors import UserError
+    from fastgen_diffusers.training.preflight import preflight
+
+    model = tmp_path / "i2v"
+    shutil.copytree(a14b[0], model)
+    index = json.loads((model / "model_index.json").read_text())
+    index.update(_class_name="WanImageToVideoPipeline", boundary_ratio=0.9)
+    index.update(image_encoder=[None, None], image_processor=[None, None])
+    (model / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "prompts.jsonl").write_text('{"text": "a cat"}\n')
+    with pytest.raises(UserError) as err:
+        preflight(parse_args(_train_argv(model, tmp_path, tmp_path / "out")))
+    message = str(err.value)
+    assert "WanImageToVideoPipeline" in message and "image-to-video" in message
+    assert "T2V-A14B" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # end-to-end training runs
+@pytest.mark.parametrize("layout", ["full", "shared_lora"])
+def test_gan_with_two_experts_trains_and_resumes_exactly(a14b, tmp_path, layout):
+    """The GAN branch with two experts: one head set per expert, each fed the features of the
+    rows its expert scored. A run on videos trains both head sets and, resumed from
+    checkpoint-2, logs the same losses and exports the same two experts bit for bit."""
+    import json
+    import shutil
+
+    import numpy as np
+    from diffusers.utils import export_to_video
+    from safetensors.torch import load_file
+
+    from fastgen_diffusers.training import parse_args, train
+
+    root = tmp_path / "data"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, prompt in enumerate(RUN_PROMPTS):
+        frames = [rng.random((HEIGHT, WIDTH, 3)).astype(np.float32) for _ in range(FRAMES)]
+        export_to_video(frames, str(root / f"clip{i}.mp4"), fps=16)
+        rows.append(json.dumps({"text": prompt, "video": f"clip{i}.mp4"}) + "\n")
+    (root / "prompts.jsonl").write_text("".join(rows))
+    flags = ["--video_column", "video", "--checkpointing_steps", "2"]
+    if layout == "shared_lora":
+        flags += ["--use_lora", "--rank", "4", "--lora_layout", "shared_lora"]
+    flags += ["--recipe_overrides"]
+    flags += ["student_update_freq=2", "ema.decay=0.9", "gan_loss_weight_gen=0.03"]
+    flags += ["backward_simulation=false", "gan_use_same_t_noise=true"]
+    straight = tmp_path / "straight"
+    train(parse_args(_train_argv(a14b[0], root, straight, *flags)))
+    logged = [
+        json.loads(line) for line in (straight / "logs" / "losses.jsonl").read_text().splitlines()
+    ]
+    assert all(("student/gan_gen" in r) != ("discriminator/gan_disc" in r) for r in logged)
+
+    # Both head sets trained (the batch of 2 at shift 5 draws t on both sides of 0.875).
+    def heads(step: int) -> dict[str, torch.Tensor]:
+        files = sorted((straight / f"checkpoint-{step}" / "state").glob("*.safetensors"))
+        tensors = {k: v for f in files for k, v in load_file(f).items()}
+        return {k: v for k, v in tensors.items() if "discriminator" in k and "optim" not in k}
+
+    disc, later = heads(2), heads(4)
+    for expert in ("high", "low"):
+        keys = [k for k in disc if f"{expert}." in k]
+        assert keys and any(not torch.equal(disc[k], later[k]) for k in keys), expert
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copytree(straight / "logs", resumed / "logs")
+    train(
+        parse_args(
+            _train_argv(a14b[0], root, resumed, "--resume_from_checkpoint", "latest", *flags)
+        )
+    )
+    losses = (resumed / "logs" / "losses.jsonl").read_text()
+    assert losses == (straight / "logs" / "losses.jsonl").read_text()
+    a, b = _exported(straight), _exported(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gan_features_and_heads_follow_each_rows_expert(a14b):
+    """With two experts each row's captured features come from the expert its t belongs to (in
+    batch order) and its logits from that expert's head set."""
+    from fastgen_diffusers.features import detach_feature_capture, get_feature_capture
+    from fastgen_diffusers.plugins import wan
+    from fastgen_diffusers.plugins.wan_experts import ExpertsDiscriminator
+
+    _, family, pipe = a14b
+    teacher = family.wrap_transformers([pipe.transformer, pipe.transformer_2])
+    capture = wan.attach_feature_capture(teacher)
+    try:
+        torch.manual_seed(0)
+        disc = wan.build_discriminator(teacher)
+        assert isinstance(disc, ExpertsDiscriminator) and get_feature_capture(teacher) is capture
+        t = torch.tensor([0.3, 0.95, 0.9, 0.5])
+        x, (pos, _) = _noise(4), _embeds(4)
+        with torch.no_grad():
+            with capture.record() as mixed:
+                teacher(hidden_states=x, timestep=t, encoder_hidden_states=pos)
+            logits = disc(mixed)
+            assert mixed[-1].tolist() == [False, True, True, False]
+            for i, side in enumerate(["low", "high", "high", "low"]):
+                with capture.record() as alone:
+                    teacher(
+                        hidden_states=x[i : i + 1],
+                        timestep=t[i : i + 1],
+                        encoder_hidden_states=pos[i : i + 1],
+                    )
+                assert alone[-1].tolist() == [side == "high"]
+                for a, b in zip(mixed[:-1], alone[:-1]):
+                    torch.testing.assert_close(a[i : i + 1], b, rtol=1e-5, atol=1e-5)
+                head = getattr(disc, side)(alone[:-1])
+                other = getattr(disc, "low" if side == "high" else "high")(alone[:-1])
+                torch.testing.assert_close(logits[i : i + 1], head, rtol=1e-5, atol=1e-5)
+                assert (logits[i : i + 1] - other).abs().max() > 1e-4
+        with pytest.raises(ValueError, match="ExpertsFeatureCapture"):
+            disc(mixed[:-1])
+    finally:
+        detach_feature_capture(teacher)

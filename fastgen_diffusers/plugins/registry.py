@@ -135,6 +135,20 @@ def family_for_transformer(model: nn.Module | type) -> type[Family] | None:
     return None
 
 
+# Pipelines whose teacher the library wraps (sampling reproduces the stock pipeline) but that
+# train_dmd2.py cannot train yet, with what is missing.
+_NOT_TRAINABLE = {
+    "WanImageToVideoPipeline": (
+        "image-to-video distillation is not supported yet: the training data path does not "
+        "encode each row's image into the condition latents the student, fake score and teacher "
+        "take, nor validate or export with an image (in Python, plugins.wan.WanWrapper / "
+        "plugins.wan_experts.WanExperts with plugins.wan.prepare_image_condition reproduce the "
+        "teacher). Distill a text-to-video WanPipeline (e.g. Wan-AI/Wan2.2-T2V-A14B-Diffusers) "
+        "instead"
+    ),
+}
+
+
 def _supported() -> str:
     return ", ".join(
         f"{cls.pipeline_class.__name__} ({name})" for name, cls in registered_families().items()
@@ -179,6 +193,8 @@ def family_from_pretrained(
     if index is not None:
         pipeline = index.get("_class_name")
         cls = family_for_pipeline_class(pipeline) if isinstance(pipeline, str) else None
+        if cls is None and pipeline in _NOT_TRAINABLE:
+            raise ValueError(f"{path} holds a {pipeline}: {_NOT_TRAINABLE[pipeline]}")
         if cls is None:
             transformer = (index.get("transformer") or [None, None])[1]
             raise ValueError(

@@ -82,7 +82,13 @@ from .common import (
     tokens_to_map,
 )
 from .registry import register_family
-from .wan_experts import WanExperts, check_expert_sides
+from .wan_experts import (
+    ExpertsDiscriminator,
+    WanExperts,
+    attach_experts_feature_capture,
+    check_expert_sides,
+    find_experts,
+)
 from .wan_schedule import (
     NUM_TRAIN_TIMESTEPS,
     closest_reachable_t_list,
@@ -472,6 +478,11 @@ def attach_feature_capture(
     (``[15, 22, 29]`` for 30 layers). The capture lives on the transformer, so
     :func:`~fastgen_diffusers.features.get_feature_capture` finds it through the wrapper.
     """
+    experts = find_experts(model)
+    if experts is not None:  # Wan 2.2 A14B: one capture per expert, rows in batch order
+        return attach_experts_feature_capture(
+            experts, lambda expert: attach_feature_capture(expert, feature_indices)
+        )
     transformer = _find_transformer(model)
     indices = (
         default_feature_indices(transformer.config) if feature_indices is None else feature_indices
@@ -490,12 +501,19 @@ def build_discriminator(
     feature_indices: Sequence[int] | None = None,
     *,
     hidden_channels: int | None = None,
-) -> VideoDiTDiscriminator:
+) -> VideoDiTDiscriminator | ExpertsDiscriminator:
     """A :class:`VideoDiTDiscriminator` for the maps :func:`attach_feature_capture` yields.
 
     Channels are the transformer's inner dim (``num_attention_heads * attention_head_dim``,
     3072 for TI2V-5B); one head per captured block.
     """
+    if isinstance(model_or_config, nn.Module) and find_experts(model_or_config) is not None:
+        # Wan 2.2 A14B: one head set per expert (each expert's features are its own).
+        high, low = (
+            build_discriminator(e, feature_indices, hidden_channels=hidden_channels)
+            for e in find_experts(model_or_config).experts()  # type: ignore[union-attr]
+        )
+        return ExpertsDiscriminator(high, low)
     config = _config_of(model_or_config)
     indices = default_feature_indices(config) if feature_indices is None else feature_indices
     return VideoDiTDiscriminator(

@@ -12,7 +12,8 @@ of a batch goes to the expert its ``t`` belongs to (a batch may hold both; each 
 own rows and the outputs are put back in order). The DMD2 teacher, fake score and student are
 each one ``WanExperts``: the student's rungs at or above the boundary are served by its high
 expert, the rest by its low expert, exactly as the stock pipeline will run the exported
-``transformer`` / ``transformer_2``.
+``transformer`` / ``transformer_2``. The GAN branch keeps one discriminator head set per expert
+(:class:`ExpertsDiscriminator`) fed by :class:`ExpertsFeatureCapture`.
 
 Example::
 
@@ -27,17 +28,32 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..features import (
+    FEATURE_CAPTURE_ATTR,
+    FeatureCapture,
+    detach_feature_capture,
+    unwrap_module,
+)
 from ..sampling import validate_t_list
 from .wan_schedule import NUM_TRAIN_TIMESTEPS, pipeline_t_list
 
-__all__ = ["EXPERT_NAMES", "WanExperts", "check_expert_sides", "expert_of_rungs"]
+__all__ = [
+    "EXPERT_NAMES",
+    "ExpertsDiscriminator",
+    "ExpertsFeatureCapture",
+    "WanExperts",
+    "check_expert_sides",
+    "expert_of_rungs",
+    "find_experts",
+]
 
 # Attribute names of the experts, in the order of the pipeline's components (transformer,
 # transformer_2).
@@ -62,6 +78,9 @@ class WanExperts(nn.Module):
         self.high = high
         self.low = low
         self.boundary_ratio = float(boundary_ratio)
+        # Rows each expert served in the last forward ({"high": idx, "low": idx}, dummy rows
+        # left out): the GAN branch's feature capture puts features back in batch order by it.
+        self.last_rows: dict[str, torch.Tensor] = {}
 
     def experts(self) -> tuple[nn.Module, nn.Module]:
         """``(high, low)``: the networks for the pipeline's ``transformer`` and
@@ -124,6 +143,7 @@ class WanExperts(nn.Module):
             )
         high = self.is_high_noise(t)
         rows = {"high": high.nonzero().squeeze(1), "low": (~high).nonzero().squeeze(1)}
+        self.last_rows = {name: index for name, index in rows.items() if len(index) > 0}
         sharded = _several_ranks()
         if not sharded:  # one expert for the whole batch: no split, no copy
             if len(rows["low"]) == 0:
@@ -188,3 +208,107 @@ def check_expert_sides(
             f"boundary_ratio={boundary_ratio} ({run}) than the student's ({trained}); move the "
             "rungs next to the boundary away from it"
         )
+
+
+# -- GAN branch ---------------------------------------------------------------------------------
+#
+# Each expert has its own weights, so its block features live in its own space: one set of
+# discriminator heads per expert, each fed the features of the rows its expert scored (the
+# expert the sample's t belongs to, as in the DMD loss). Both head sets run on every row and
+# each row keeps its expert's logits, so both are always in the graph (DDP / FSDP2 reduce every
+# parameter on every rank) and a row's logits never mix the two feature spaces.
+
+
+def find_experts(model: nn.Module) -> WanExperts | None:
+    """The :class:`WanExperts` ``model`` is or wraps (role views, DDP, compile), else ``None``."""
+    return next((m for m in unwrap_module(model) if isinstance(m, WanExperts)), None)
+
+
+class ExpertsFeatureCapture(FeatureCapture):
+    """The two experts' captures recorded as one: one tensor per block in batch order, each
+    row's from the expert that ran it, then ``high_rows`` (``[B]`` bool: the rows the high
+    expert scored). The routing travels in the list, as a tensor, because wrappers (FSDP2)
+    rebuild the discriminator's inputs."""
+
+    def __init__(self, experts: WanExperts, captures: Sequence[FeatureCapture]) -> None:
+        high, low = captures
+        if high.feature_indices != low.feature_indices:
+            raise ValueError(
+                f"both experts must capture the same blocks, got {high.feature_indices} and "
+                f"{low.feature_indices}"
+            )
+        # No hooks of its own: the experts' captures hold them.
+        self.feature_indices = high.feature_indices
+        self.transform = high.transform
+        self.meta = {}
+        self._recording = False
+        self._store = {}
+        self._hooks = []
+        self._pre_hooks = []
+        self.experts = experts
+        self.captures = (high, low)
+
+    @contextmanager
+    def record(self) -> Iterator[list[torch.Tensor]]:
+        features: list[torch.Tensor] = []
+        self.experts.last_rows = {}
+        per_expert: list[list[torch.Tensor]] = []
+        with ExitStack() as stack:
+            for capture in self.captures:
+                per_expert.append(stack.enter_context(capture.record(optional=True)))
+            yield features
+        rows = self.experts.last_rows
+        if not rows:
+            raise RuntimeError("Feature capture saw no expert run: record() must run the experts")
+        used = [name for name in EXPERT_NAMES if name in rows]
+        parts = dict(zip(EXPERT_NAMES, per_expert))
+        order = torch.argsort(torch.cat([rows[name] for name in used]))
+        for i in range(len(self.feature_indices)):
+            block = [parts[name][i][: len(rows[name])] for name in used]
+            features.append(torch.cat(block)[order.to(block[0].device)])
+        # An expert run on a dummy row (several ranks) has features but no rows: kept in the
+        # graph with a zero weight, so that the GAN loss's backward runs through both sharded
+        # experts on every rank (their gathers pair up across ranks).
+        for name in EXPERT_NAMES:
+            if name not in rows and parts[name]:
+                zero = sum(f[:0].sum() for f in parts[name])
+                features[0] = features[0] + zero.to(features[0].dtype)
+        batch = sum(len(rows[name]) for name in used)
+        high_rows = torch.zeros(batch, dtype=torch.bool, device=order.device)
+        if "high" in rows:
+            high_rows[rows["high"]] = True
+        features.append(high_rows)
+
+    def remove(self) -> None:
+        for expert in self.experts.experts():
+            detach_feature_capture(expert)
+
+
+def attach_experts_feature_capture(
+    experts: WanExperts, attach: Callable[[nn.Module], FeatureCapture]
+) -> ExpertsFeatureCapture:
+    """``attach`` (the family's capture) on each expert, combined and stored on ``experts``."""
+    capture = ExpertsFeatureCapture(experts, [attach(expert) for expert in experts.experts()])
+    setattr(experts, FEATURE_CAPTURE_ATTR, capture)
+    return capture
+
+
+class ExpertsDiscriminator(nn.Module):
+    """One discriminator per expert (``high``, ``low``) over an :class:`ExpertsFeatureCapture`'s
+    list (block features, then ``high_rows``); each row gets its expert's logits."""
+
+    def __init__(self, high: nn.Module, low: nn.Module) -> None:
+        super().__init__()
+        self.high = high
+        self.low = low
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        *blocks, high_rows = features
+        if high_rows.dtype != torch.bool or high_rows.ndim != 1:
+            raise ValueError(
+                "ExpertsDiscriminator needs the features of an ExpertsFeatureCapture (block "
+                f"features, then the [B] bool rows of the high expert); the last item is a "
+                f"{high_rows.dtype} tensor of shape {tuple(high_rows.shape)}"
+            )
+        high, low = self.high(blocks), self.low(blocks)
+        return torch.where(high_rows.to(high.device).view(-1, *[1] * (high.ndim - 1)), high, low)

@@ -335,7 +335,7 @@ def teacher_family(args: TrainingArguments, configs: ModelConfigs | None = None)
 
 def _check_experts(args: TrainingArguments, cfg: Any, family: Any) -> None:
     """What a two-expert teacher (Wan 2.2 A14B) allows: ``--guidance_scale_2`` only there, and
-    only with CFG on; no GAN branch yet (its features would come from two teachers)."""
+    only with CFG on."""
     experts = len(family.transformer_components)
     if args.guidance_scale_2 is not None:
         if experts < 2:
@@ -351,12 +351,6 @@ def _check_experts(args: TrainingArguments, cfg: Any, family: Any) -> None:
                 fix="set guidance_scale in the recipe (--recipe_overrides guidance_scale=4.0), "
                 "or drop --guidance_scale_2",
             )
-    if experts > 1 and cfg.gan_loss_weight_gen > 0:
-        raise UserError(
-            f"gan_loss_weight_gen={cfg.gan_loss_weight_gen}: the GAN branch is not supported "
-            f"with a two-expert teacher ({', '.join(family.transformer_components)})",
-            fix="--recipe_overrides gan_loss_weight_gen=0 (the dmd2_wan22_a14b_t2v recipe has it)",
-        )
 
 
 def _recipe_family_warnings(recipe: str, family: Any) -> list[str]:
