@@ -143,6 +143,11 @@ def export_student(
         if isinstance(student, AdapterRole):
             save_student_lora(student, output_dir, gathered=state_dict, dtype=dtype)
             written = [output_dir / name for name in lora_weight_names(student)]
+            if user_lora is not None:
+                merged = save_merged_lora(
+                    student, user_lora, output_dir, gathered=state_dict, dtype=dtype
+                )
+                written.append(Path(merged))
         elif callable(getattr(student, "experts", None)):
             # Wan 2.2 A14B: the high-noise expert is the pipeline's transformer, the low-noise
             # one its transformer_2.
@@ -158,11 +163,6 @@ def export_student(
                 )
                 for i, expert in enumerate(student.experts())
             ]
-            if user_lora is not None:
-                merged = save_merged_lora(
-                    student, user_lora, output_dir, gathered=state_dict, dtype=dtype
-                )
-                written.append(Path(merged))
         else:
             written = [_save_transformer(student, output_dir, state_dict, dtype)]
     written.append(write_scheduler(output_dir, scheduler_config))

@@ -157,8 +157,8 @@ def _describe_validation(err: pydantic.ValidationError, path: str, overrides: di
         source = "--recipe_overrides" if node is not None else f"--recipe {path!r}"
         if item["type"] == "extra_forbidden":
             known = _field_names(loc[:-1])
-            close = difflib.get_close_matches(loc[-1], known, n=3)
-            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
             lines.append(f"{source}: unknown field {name!r}{hint}")
         else:
             lines.append(f"{source}: field {name} = {item.get('input')!r}: {item['msg']}")
