@@ -1,14 +1,16 @@
 """The memory planner against the measured peak of real DMD2 iterations on the CPU.
 
     python benchmarks/plan_vs_measured.py            # the table of the README
-    python benchmarks/plan_vs_measured.py --only 0   # one configuration
+    python benchmarks/plan_vs_measured.py --only 8 9 # some configurations
 
 Each configuration runs in a fresh process: a randomly initialised transformer built from a
 config (a ~220M SD3, a small Flux), the layout's networks, AdamW on every trained network, the
 GAN discriminator on the teacher's features, CFG, EMA; three iterations (student, fake score +
-discriminator, student: the optimizer states exist by the last one). Measured peak: the
-process's ``ru_maxrss`` minus its value after imports and inputs, with glibc told to return
-large blocks to the system on free (``MALLOC_MMAP_THRESHOLD_``), so RSS follows the live bytes.
+discriminator, student: the optimizer states exist by the last one). The transformer is loaded
+from a checkpoint as ``train_dmd2.py`` loads it (an int8 base one layer at a time). Measured
+peak: the process's ``ru_maxrss`` minus its value after imports and inputs, with glibc told to
+return large blocks to the system on free (``MALLOC_MMAP_THRESHOLD_``), so RSS follows the live
+bytes.
 The planner runs on the meta device from the same config (``fastgen_diffusers.plan``).
 """
 
@@ -18,8 +20,10 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -78,7 +82,7 @@ def _case(index: int, num_layers: int | None) -> tuple:
     return name, config, layout, gc, quant, gan
 
 
-def measure(index: int, num_layers: int | None = None) -> dict:
+def measure(index: int, checkpoint: str, num_layers: int | None = None) -> dict:
     import diffusers
 
     import fastgen_diffusers as fgd
@@ -86,6 +90,7 @@ def measure(index: int, num_layers: int | None = None) -> dict:
     from fastgen_diffusers.lora import enable_gradient_checkpointing as lora_checkpointing
     from fastgen_diffusers.plugins.registry import family_for_transformer
     from fastgen_diffusers.quantize import quantize_base
+    from fastgen_diffusers.quantized_loading import load_quantized_transformer
 
     name, config, layout, gc, quant, gan = _case(index, num_layers)
     torch.manual_seed(0)
@@ -96,7 +101,12 @@ def measure(index: int, num_layers: int | None = None) -> dict:
     ehs = torch.randn(b, TEXT, config["joint_attention_dim"])
     pooled = torch.randn(b, config["pooled_projection_dim"])
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    transformer = cls.from_config(config)
+    # Loaded from a checkpoint as train_dmd2.py loads it: an int8 base is read one layer at a
+    # time into its quantized form, the unquantized one through from_pretrained.
+    if quant == "none":
+        transformer = cls.from_pretrained(checkpoint, subfolder="transformer")
+    else:
+        transformer = load_quantized_transformer(cls, checkpoint, method=quant)
     wrapped = family.wrap(transformer)
     wrapped.requires_grad_(False)
     quantize_base(wrapped, quant)
@@ -154,6 +164,27 @@ def measure(index: int, num_layers: int | None = None) -> dict:
     return {"measured": peak - baseline}
 
 
+def _checkpoint(workdir: str, index: int, num_layers: int | None) -> str:
+    """A randomly initialised (seed 0) fp32 transformer of configuration ``index``, saved once
+    per configuration in a pipeline-style folder, outside the measured process."""
+    _, config, *_ = _case(index, num_layers)
+    folder = os.path.join(workdir, config["_class_name"] + f"_{config.get('num_layers')}")
+    if not os.path.isdir(folder):
+        # In a child process: a peak here would be inherited by every measuring process
+        # (Linux carries ru_maxrss across fork and exec).
+        code = (
+            "import diffusers, json, sys, torch; torch.manual_seed(0); "
+            f"getattr(diffusers, {config['_class_name']!r}).from_config("
+            f"json.loads(sys.argv[1])).save_pretrained(sys.argv[2])"
+        )
+        subprocess.run(
+            [sys.executable, "-c", code, json.dumps(config), os.path.join(folder, "transformer")],
+            check=True,
+            capture_output=True,
+        )
+    return folder
+
+
 def planned(index: int, num_layers: int | None = None) -> dict:
     from fastgen_diffusers.plan import PlanSettings, plan_memory
 
@@ -174,33 +205,40 @@ def planned(index: int, num_layers: int | None = None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", type=int, default=None)
+    parser.add_argument("--only", type=int, nargs="+", default=None, help="configurations")
     parser.add_argument("--num_layers", type=int, default=None, help="blocks (default: 6 / 2)")
     parser.add_argument("--json", action="store_true", help="one JSON line per configuration")
     parser.add_argument("--resolution", type=int, default=512, help="pixels")
     parser.add_argument("--measure", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global HEIGHT, WIDTH
     HEIGHT = WIDTH = args.resolution
     if args.measure is not None:
-        print(json.dumps(measure(args.measure, args.num_layers)))
+        print(json.dumps(measure(args.measure, args.checkpoint, args.num_layers)))
         return
     layers = [] if args.num_layers is None else ["--num_layers", str(args.num_layers)]
     layers += ["--resolution", str(args.resolution)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     rows = []
-    indices = [args.only] if args.only is not None else range(len(CASES))
-    for i in indices:
-        out = subprocess.run(
-            [sys.executable, __file__, "--measure", str(i), *layers],
-            check=True,
-            capture_output=True,
-            text=True,
-            env=env,
-        ).stdout
-        row = {**json.loads(out.strip().splitlines()[-1]), **planned(i, args.num_layers)}
-        rows.append((i, row))
-        print(json.dumps(row) if args.json else f"{i}: {row}", file=sys.stderr, flush=True)
+    indices = args.only if args.only is not None else range(len(CASES))
+    workdir = tempfile.mkdtemp(prefix="plan_vs_measured_")
+    try:
+        for i in indices:
+            checkpoint = _checkpoint(workdir, i, args.num_layers)
+            command = [sys.executable, __file__, "--measure", str(i), "--checkpoint", checkpoint]
+            out = subprocess.run(
+                [*command, *layers],
+                check=True,
+                capture_output=True,
+                text=True,
+                env=env,
+            ).stdout
+            row = {**json.loads(out.strip().splitlines()[-1]), **planned(i, args.num_layers)}
+            rows.append((i, row))
+            print(json.dumps(row) if args.json else f"{i}: {row}", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         for _, row in rows:
             print(json.dumps(row))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ __all__ = [
     "check_quantize_base",
     "quantizable_linears",
     "quantize_base",
+    "quantize_linear",
     "stored_bytes",
 ]
 
@@ -126,25 +128,38 @@ def quantizable_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
             yield name, module
 
 
-def quantize_base(model: nn.Module, method: str) -> int:
-    """Store the block linears of ``model`` (in place) as ``method`` (``"int8"``, ``"fp8"``;
-    ``"none"`` does nothing). Call before the LoRA adapters are added. Returns how many layers
-    were quantized."""
-    if method == "none":
-        return 0
+def _torchao_config(method: str) -> Any:
     if method not in ("int8", "fp8"):
         raise ValueError(f"quantize_base: method {method!r}; expected 'none', 'int8' or 'fp8'")
-    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
-    config = Int8WeightOnlyConfig() if method == "int8" else Float8WeightOnlyConfig()
-    chosen = {id(m) for _, m in quantizable_linears(model)}
-    # The weights are frozen: no autograd history to keep through the conversion.
-    with torch.no_grad():
-        quantize_(model, config, filter_fn=lambda m, _fqn: id(m) in chosen)
-    for _, module in quantizable_linears(model):
-        if id(module) in chosen:
-            module.__class__ = FrozenQuantizedLinear
-    return len(chosen)
+    return Int8WeightOnlyConfig() if method == "int8" else Float8WeightOnlyConfig()
+
+
+def quantize_linear(linear: nn.Linear, method: str) -> None:
+    """Store one frozen ``nn.Linear``'s weight as ``method`` (in place, on its device) and give
+    it the :class:`FrozenQuantizedLinear` forward."""
+    from torchao.quantization import quantize_
+
+    config = _torchao_config(method)
+    with torch.no_grad():  # the weights are frozen: no autograd history through the conversion
+        quantize_(linear, config)
+    linear.__class__ = FrozenQuantizedLinear
+
+
+def quantize_base(model: nn.Module, method: str) -> int:
+    """Store the block linears of ``model`` (in place) as ``method`` (``"int8"``, ``"fp8"``;
+    ``"none"`` does nothing). Call before the LoRA adapters are added; layers already
+    quantized (:func:`~fastgen_diffusers.quantized_loading.load_quantized_transformer`) are
+    kept. Returns how many layers are quantized."""
+    if method == "none":
+        return 0
+    _torchao_config(method)  # refuses an unknown method before anything changes
+    layers = [m for _, m in quantizable_linears(model)]
+    for module in layers:
+        if not isinstance(module, FrozenQuantizedLinear):
+            quantize_linear(module, method)
+    return len(layers)
 
 
 def stored_bytes(model: nn.Module) -> int:

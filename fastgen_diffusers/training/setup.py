@@ -219,6 +219,7 @@ def load_teacher(run: Run) -> Teacher:
         variant=args.variant,
         torch_dtype=run.weight_dtype,
         cache_dir=args.cache_dir,
+        **load_quantized_transformers(run, family),
     )
     pipeline_to(pipe, run.device)
     user_lora = fuse_teacher_lora(args, pipe)
@@ -234,6 +235,43 @@ def load_teacher(run: Run) -> Teacher:
     except ValueError as err:  # what the preflight's config reading could not foresee
         raise UserError(f"--height/--width/--resolution/--num_frames: {err}") from err
     return Teacher(family, pipe, latent_shape, user_lora)
+
+
+def load_quantized_transformers(run: Run, family: Any) -> dict[str, torch.nn.Module]:
+    """With ``--quantize_base``, the teacher's transformers read one layer at a time into their
+    quantized base on the device (:mod:`~fastgen_diffusers.quantized_loading`), so that no
+    full-precision copy ever reaches it; empty (the pipeline loads them, :func:`quantize_base`
+    follows) when the LoRA of ``--teacher_lora`` must be fused into full-precision weights
+    first, or the checkpoint has no safetensors weights. FSDP2 is refused in
+    :func:`build_networks`."""
+    import diffusers
+
+    from ..quantized_loading import load_quantized_transformer
+
+    args = run.args
+    if args.quantize_base in (None, "none") or args.teacher_lora or is_fsdp2(run.accelerator):
+        return {}
+    path = args.pretrained_model_name_or_path
+    index = family.pipeline_class.load_config(
+        path, revision=args.revision, cache_dir=args.cache_dir
+    )
+    loaded = {}
+    for name in family.transformer_components:
+        model = load_quantized_transformer(
+            getattr(diffusers, index[name][1]),
+            path,
+            subfolder=name,
+            torch_dtype=run.weight_dtype,
+            method=args.quantize_base,
+            device=run.device,
+            revision=args.revision,
+            variant=args.variant,
+            cache_dir=args.cache_dir,
+        )
+        if model is None:
+            return {}
+        loaded[name] = model
+    return loaded
 
 
 def fuse_teacher_lora(args: TrainingArguments, pipe: Any) -> UserLora | None:
