@@ -4,7 +4,8 @@
     python benchmarks/plan_vs_measured.py --only 8 9 # some configurations
 
 Each configuration runs in a fresh process: a randomly initialised transformer built from a
-config (a ~220M SD3, a small Flux), the layout's networks, AdamW on every trained network, the
+config (a ~220M SD3, a small Flux), the layout's networks, AdamW (torch's, or torchao's 8-bit
+one) on every trained network, the
 GAN discriminator on the teacher's features, CFG, EMA; three iterations (student, fake score +
 discriminator, student: the optimizer states exist by the last one). The transformer is loaded
 from a checkpoint as ``train_dmd2.py`` loads it (an int8 base one layer at a time). Measured
@@ -57,7 +58,7 @@ FLUX = {
     "guidance_embeds": False,
     "axes_dims_rope": [8, 28, 28],
 }
-# (name, config, layout, gradient checkpointing, quantize_base, GAN)
+# (name, config, layout, gradient checkpointing, quantize_base, GAN[, optimizer])
 CASES = [
     ("SD3 220M", SD3, "full", False, "none", True),
     ("SD3 220M", SD3, "full", True, "none", True),
@@ -69,6 +70,8 @@ CASES = [
     ("Flux 100M", FLUX, "separate_lora", True, "none", True),
     ("SD3 220M", SD3, "shared_lora", True, "none", False),
     ("SD3 220M", SD3, "shared_lora", True, "int8", False),
+    ("SD3 220M", SD3, "shared_lora", True, "none", True, "adamw8bit"),
+    ("SD3 220M", SD3, "shared_lora", True, "int8", True, "adamw8bit"),
 ]
 HEIGHT = WIDTH = 512  # 64x64 latents: 1024 image tokens
 TEXT = 64
@@ -76,10 +79,10 @@ RANK = 16
 
 
 def _case(index: int, num_layers: int | None) -> tuple:
-    name, config, layout, gc, quant, gan = CASES[index]
+    name, config, layout, gc, quant, gan, optimizer = (*CASES[index], "adamw")[:7]
     if num_layers is not None:
         config = {**config, "num_layers": num_layers}
-    return name, config, layout, gc, quant, gan
+    return name, config, layout, gc, quant, gan, optimizer
 
 
 def measure(index: int, checkpoint: str, num_layers: int | None = None) -> dict:
@@ -91,8 +94,9 @@ def measure(index: int, checkpoint: str, num_layers: int | None = None) -> dict:
     from fastgen_diffusers.plugins.registry import family_for_transformer
     from fastgen_diffusers.quantize import quantize_base
     from fastgen_diffusers.quantized_loading import load_quantized_transformer
+    from fastgen_diffusers.training.optim import optimizer_class
 
-    name, config, layout, gc, quant, gan = _case(index, num_layers)
+    name, config, layout, gc, quant, gan, optimizer = _case(index, num_layers)
     torch.manual_seed(0)
     cls = getattr(diffusers, config["_class_name"])
     family = family_for_transformer(cls)()
@@ -128,12 +132,13 @@ def measure(index: int, checkpoint: str, num_layers: int | None = None) -> dict:
         ema={"type": "constant", "decay": 0.99},
     )
     pipe = fgd.DMDPipeline(nets.student, nets.teacher, nets.fake_score, cfg, discriminator=disc)
+    opt_cls = optimizer_class(optimizer)
     opts = {
-        "student": torch.optim.AdamW(nets.student.parameters(), lr=1e-5),
-        "fake": torch.optim.AdamW(nets.fake_score.parameters(), lr=1e-5),
+        "student": opt_cls(nets.student.parameters(), lr=1e-5),
+        "fake": opt_cls(nets.fake_score.parameters(), lr=1e-5),
     }
     if disc is not None:
-        opts["disc"] = torch.optim.AdamW(disc.parameters(), lr=1e-5)
+        opts["disc"] = opt_cls(disc.parameters(), lr=1e-5)
     neg = {
         "negative_encoder_hidden_states": torch.zeros_like(ehs),
         "negative_model_kwargs": {"pooled_projections": torch.zeros_like(pooled)},
@@ -188,7 +193,7 @@ def _checkpoint(workdir: str, index: int, num_layers: int | None) -> str:
 def planned(index: int, num_layers: int | None = None) -> dict:
     from fastgen_diffusers.plan import PlanSettings, plan_memory
 
-    name, config, layout, gc, quant, gan = _case(index, num_layers)
+    name, config, layout, gc, quant, gan, optimizer = _case(index, num_layers)
     settings = PlanSettings(
         layout=layout,
         rank=RANK,
@@ -198,6 +203,7 @@ def planned(index: int, num_layers: int | None = None) -> dict:
         quantize_base=quant,
         text_length=TEXT,
         gan=gan,
+        optimizer=optimizer,
     )
     plan = plan_memory(config, settings)
     return {"planned": plan.peak, "params": plan.num_params}
@@ -245,15 +251,16 @@ def main() -> None:
         return
     gib = 2**30
     print(
-        "| model | layout | GAN | checkpointing | base | planned | measured | planned / measured |"
+        "| model | layout | GAN | checkpointing | base | optimizer | planned | measured "
+        "| planned / measured |"
     )
-    print("| --- | --- | --- | --- | --- | ---: | ---: | ---: |")
+    print("| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: |")
     for i, row in rows:
-        name, _, layout, gc, quant, gan = CASES[i]
+        name, _, layout, gc, quant, gan, optimizer = _case(i, None)
         print(
             f"| {name} ({row['params'] / 1e6:.0f}M) | `{layout}` | {'on' if gan else 'off'} | "
-            f"{'on' if gc else 'off'} | "
-            f"{quant} | {row['planned'] / gib:.2f} GiB | {row['measured'] / gib:.2f} GiB | "
+            f"{'on' if gc else 'off'} | {quant} | {optimizer} | {row['planned'] / gib:.2f} GiB | "
+            f"{row['measured'] / gib:.2f} GiB | "
             f"{row['planned'] / row['measured']:.2f} |"
         )
 

@@ -517,7 +517,9 @@ class _Planner:
             experts * _optimizer_bytes(s.optimizer, student_params + fake_params) / shard
         )
         lines["EMA (fp32, full on every GPU)"] = experts * student_params * 4 if s.ema else 0
-        lines["discriminator (+grads, optimizer)"] = experts * disc_params * 16
+        lines["discriminator (+grads, optimizer)"] = experts * (
+            disc_params * 8 + _optimizer_bytes(s.optimizer, disc_params)
+        )
         if shard > 1:
             lines["FSDP2 unsharded blocks (2)"] = 2 * self._largest_block(base) * weight_size
         if s.quantize_base != "none" and not full_copy_quantized:

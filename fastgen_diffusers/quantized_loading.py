@@ -90,8 +90,11 @@ def _model_folder(
         return local / subfolder
     from huggingface_hub import snapshot_download
 
+    # Only the files from_pretrained would read: one file, or the shards of the index
+    # (diffusion_pytorch_model[.fp16]-00001-of-00003.safetensors).
+    stem = f"{subfolder}/diffusion_pytorch_model{'.' + variant if variant else ''}"
     patterns = [f"{subfolder}/config.json", f"{subfolder}/{_variant(_INDEX, variant)}"]
-    patterns.append(f"{subfolder}/*{'.' + variant if variant else ''}.safetensors")
+    patterns += [f"{stem}.safetensors", f"{stem}-*.safetensors"]
     root = snapshot_download(
         str(path), revision=revision, cache_dir=cache_dir, allow_patterns=patterns
     )

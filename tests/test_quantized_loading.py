@@ -156,3 +156,30 @@ def test_training_loads_the_base_quantized_and_trains_as_before(tmp_path, monkey
         assert a[step].keys() == b[step].keys()
         for key, value in a[step].items():
             assert value == pytest.approx(b[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_hub_id_with_a_sharded_variant_from_the_cache(tmp_path, monkeypatch):
+    # A Hub id resolves through huggingface_hub's snapshot_download (offline here: the files are
+    # already in the cache, laid out as the Hub client stores them).
+    import huggingface_hub.constants
+
+    root = save_tiny_sd3(tmp_path / "sd3")
+    model = SD3Transformer2DModel.from_pretrained(root, subfolder="transformer")
+    commit = "0" * 40
+    repo = tmp_path / "cache" / "models--org--tiny-sd3"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit / "transformer"
+    model.save_pretrained(snapshot, variant="fp16", max_shard_size="20KB")
+    assert len(safetensors_files(snapshot, "fp16")) > 1 and safetensors_files(snapshot) is None
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    loaded = load_quantized_transformer(
+        SD3Transformer2DModel,
+        "org/tiny-sd3",
+        variant="fp16",
+        cache_dir=str(tmp_path / "cache"),
+        method="int8",
+    )
+    quantize_base(model, "int8")
+    a, b = _state(model), _state(loaded)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
