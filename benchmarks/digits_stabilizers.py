@@ -14,8 +14,8 @@ branch need. One training process at a time, one thread (``OMP_NUM_THREADS=1``):
 
 Results are kept in ``<work_dir>/results.json``: a rerun skips the runs already measured (same
 row, seed and budget) and prints the table again; ``--force`` measures them again. FD moves by
-several points between training seeds: with several ``--seeds`` each cell is their mean and a
-second table lists every seed.
+several points between training seeds: with several ``--seeds`` each cell is their mean, the
+spread column the largest minus the smallest FD, and a second table lists every seed.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ GAN = ["gan_loss_weight_gen=0.03", "gan_use_same_t_noise=true"]
 
 # (key, label, data, overrides): data "prompts" (prompts.txt) or "images" (the training split).
 ROWS = [
-    ("none", "none", "prompts", []),
+    ("none", "none (the recipe as shipped)", "prompts", []),
     ("rescale", "`guidance_norm: rescale`", "prompts", ["guidance_norm=rescale"]),
     (
         "clamp",
@@ -179,8 +179,9 @@ def _fmt(values: list[float], spec: str) -> str:
 
 def table(results: dict[str, dict], seeds: list[int], budget: str) -> str:
     lines = [
-        "| data | option | FD 1 / 2 / 4 steps | accuracy 1 / 2 / 4 steps | train s |",
-        "| --- | --- | --- | --- | ---: |",
+        "| data | option | FD 1 / 2 / 4 steps | FD spread over seeds | accuracy 1 / 2 / 4 steps "
+        "| train s |",
+        "| --- | --- | --- | --- | --- | ---: |",
     ]
     per_seed = []
     for key, label, data, _ in ROWS:
@@ -193,7 +194,11 @@ def table(results: dict[str, dict], seeds: list[int], budget: str) -> str:
         secs = [r["train_s"] for r in runs if r["train_s"] is not None]
         where = "prompts" if data == "prompts" else "images"
         train = f"{statistics.mean(secs):.0f}" if secs else "-"
-        lines.append(f"| {where} | {label} | {_fmt(fd, '.1f')} | {_fmt(acc, '.0f')}% | {train} |")
+        # max - min over the seeds at each step count: how far a single run can land.
+        spread = [max(r["fd"][i] for r in runs) - min(r["fd"][i] for r in runs) for i in range(3)]
+        spread_cell = _fmt(spread, ".0f") if len(runs) > 1 else "-"
+        cells = [where, label, _fmt(fd, ".1f"), spread_cell, _fmt(acc, ".1f") + "%", train]
+        lines.append("| " + " | ".join(cells) + " |")
         for r in runs:
             per_seed.append(
                 f"| {where} | {label} | {r['seed']} | {_fmt(r['fd'], '.1f')} | "
