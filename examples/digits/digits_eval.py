@@ -15,6 +15,12 @@ scores teacher and student side by side, writes their grids and prints the quali
 
     python examples/digits/digits_eval.py report --output_dir outputs/digits
 
+``export-dataset`` writes the training split (never the held-out digits) as an image folder
+with captions, for runs that need real images (the GAN branch, ``backward_simulation_prob``)::
+
+    python examples/digits/digits_eval.py export-dataset --output_dir outputs/digits-train
+    python train_dmd2.py ... --dataset_name outputs/digits-train
+
     from digits_eval import load_classifier, evaluate
     scores = evaluate(images, labels)  # images [N, C, 32, 32] in [-1, 1] -> accuracy, fd
 """
@@ -64,6 +70,38 @@ def split_indices(n: int = 1797, seed: int = SPLIT_SEED) -> tuple[list[int], lis
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_held = round(n * HOLDOUT_FRACTION)
     return sorted(perm[: n - n_held]), sorted(perm[n - n_held :])
+
+
+def export_training_split(output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the training split as an image folder ``train_dmd2.py --dataset_name`` reads.
+
+    ``output_dir`` gets one 32x32 grayscale PNG per training digit, ``<index>.png`` (the index
+    into ``sklearn.datasets.load_digits``), and ``metadata.jsonl`` rows ``{"file_name", "text"}``
+    whose captions are the prompts of ``prompts.txt`` (``PROMPT`` with the digit's label). The
+    held-out split is never written: the Frechet distance is measured against it. The folder
+    appears complete or not at all; an existing one is replaced only with ``overwrite``.
+    """
+    from fastgen_diffusers.io import atomic_directory
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(
+            f"--output_dir {str(output_dir)!r} already exists; pass --overwrite to replace it "
+            "or choose a new folder"
+        )
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    images, labels = load_digits_32()
+    train = split_indices(len(images))[0]
+    # 8-bit like any image file: at most 1/255 of the range from the teacher's float pixels.
+    pixels = ((images[train, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    rows = []
+    with atomic_directory(output_dir) as tmp:
+        for index, tile in zip(train, pixels):
+            name = f"{index:04d}.png"
+            Image.fromarray(tile, mode="L").save(tmp / name)
+            rows.append({"file_name": name, "text": PROMPT.format(int(labels[index]))})
+        (tmp / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return output_dir
 
 
 def to_gray(images: torch.Tensor) -> torch.Tensor:
@@ -516,6 +554,12 @@ def main() -> None:
     ev.add_argument("--grid_prefix", default="teacher")
     ev.add_argument("--json_out", default=None)
     ev.add_argument("--threads", type=int, default=2)
+    ex = sub.add_parser(
+        "export-dataset",
+        help="the training split as an image folder with captions, for train_dmd2.py",
+    )
+    ex.add_argument("--output_dir", required=True, help="the folder to write (must not exist)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     rp = sub.add_parser("report", help="teacher vs distilled student: grids and quality table")
     rp.add_argument("--output_dir", required=True, help="train_dmd2.py's --output_dir")
     rp.add_argument("--teacher", default=str(DEFAULT_TEACHER))
@@ -561,6 +605,15 @@ def main() -> None:
         except (FileNotFoundError, ValueError) as err:
             rp.error(str(err))
         print(markdown_table(rows, fd_reference=args.fd_reference))
+        return
+
+    if args.command == "export-dataset":
+        try:
+            folder = export_training_split(args.output_dir, overwrite=args.overwrite)
+        except FileExistsError as err:
+            ex.error(str(err))
+        count = len(split_indices()[0])
+        print(f"wrote {count} training digits and metadata.jsonl to {folder}")
         return
 
     if args.command == "train-classifier":
