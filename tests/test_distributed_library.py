@@ -102,6 +102,9 @@ def _worker(rank: int, out_dir: str) -> None:
             rungs.append(len(calls))
         results["rungs"] = rungs
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks done before either tears gloo down: a rank that closes its connections
+        # while the other is still in its last collective aborts that one.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -450,6 +450,7 @@ def _ddp_worker(rank: int, world: int, out: str) -> None:
             for role in ("student", "fake_score")
         }
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
 

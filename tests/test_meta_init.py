@@ -70,6 +70,7 @@ def _worker(rank: int, out: str) -> None:
         ehs = torch.randn(1, 5, 16, generator=g)
         result["out"] = fake(x, torch.tensor([0.5]), ehs).detach()
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
 
