@@ -294,7 +294,11 @@ def test_output_folder_holds_one_run(sd3_run, tmp_path):
     (folder / "run.json").write_text(json.dumps(record))
     assert (folder / "transformer").is_dir()  # a refused run removes nothing
 
+    shutil.copytree(out / "logs", folder / "logs")  # the earlier run's losses, steps 1-6
     train(args_for(model, recipe, data, folder, *lora, "--overwrite_output_dir"))
+    # The loss log holds this run's one iteration only.
+    assert len((folder / "logs" / "losses.jsonl").read_text().splitlines()) == 1
+    assert losses(folder).keys() == {1}
     names = sorted(p.name for p in folder.iterdir() if p.name != "cache")
     # The old export is gone, its checkpoint kept; the new run's export only.
     assert names == [

@@ -522,8 +522,11 @@ def resume(run: Run, trainer: Trainer, num_samples: int, family: str | None = No
         if run.is_main:
             truncate_loss_log(run.log_dir / "losses.jsonl", step)
         logger.info("Resumed from %s at iteration %d", path, step)
-    elif args.resume_from_checkpoint == "latest":
-        logger.info("No complete checkpoint in %s: starting from scratch", run.output_dir)
+    else:
+        if args.resume_from_checkpoint == "latest":
+            logger.info("No complete checkpoint in %s: starting from scratch", run.output_dir)
+        if run.is_main:  # an earlier run's rows in this folder would read as this run's
+            truncate_loss_log(run.log_dir / "losses.jsonl", 0)
     if run.is_main:
         write_run_record(run.output_dir, record)
     accelerator.wait_for_everyone()
