@@ -35,6 +35,9 @@ def finish(
     write_student(run, teacher, trainer, run.output_dir)  # collective under FSDP2
     if run.is_main:
         _write_card(run, teacher, lora=isinstance(student, AdapterRole))
+    # Every rank past its last collective before any tears the process group down (gloo
+    # aborts a rank whose peer closes the connection under it).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     if args.push_to_hub and run.is_main:
         from .hub import push_to_hub

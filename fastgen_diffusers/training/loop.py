@@ -100,6 +100,7 @@ def stop_early(run: Run, progress: Progress, bar: Any, signal_name: str | None) 
             "resume with --resume_from_checkpoint latest",
             flush=True,
         )
+    run.accelerator.wait_for_everyone()  # no rank tears the process group down under another
     run.accelerator.end_training()
     return run.output_dir
 
