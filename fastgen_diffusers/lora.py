@@ -586,17 +586,27 @@ def save_student_lora(
         family = _family_class(inner)
         if family is None:
             raise _unknown_family(f"No diffusers LoRA format for {type(inner).__name__}")
-        final = os.path.join(save_directory, name)
-        with atomic_path(final) as tmp:  # diffusers writes <save_directory>/<weight_name>
-            family.lora_loader_class.save_lora_weights(
-                str(tmp.parent),
-                transformer_lora_layers=student_lora_state_dict(
-                    student, gathered, dtype, expert=expert
-                ),
-                transformer_lora_adapter_metadata=_lora_metadata(student, expert),
-                weight_name=tmp.name,
-            )
+        _write_lora_file(
+            family,
+            os.path.join(save_directory, name),
+            student_lora_state_dict(student, gathered, dtype, expert=expert),
+            _lora_metadata(student, expert),
+        )
     return os.path.join(save_directory, names[0])
+
+
+def _write_lora_file(
+    family: Any, final: str, state: Mapping[str, torch.Tensor], metadata: dict[str, Any]
+) -> None:
+    """``save_lora_weights`` in the family's format to ``final``, under a temporary name then
+    renamed, so an interrupted save leaves no partial file."""
+    with atomic_path(final) as tmp:  # diffusers writes <save_directory>/<weight_name>
+        family.lora_loader_class.save_lora_weights(
+            str(tmp.parent),
+            transformer_lora_layers=state,
+            transformer_lora_adapter_metadata=metadata,
+            weight_name=tmp.name,
+        )
 
 
 def fuse_student(student: AdapterRole) -> nn.Module:
@@ -775,11 +785,5 @@ def save_merged_lora(
     )
     os.makedirs(save_directory, exist_ok=True)
     final = os.path.join(save_directory, weight_name)
-    with atomic_path(final) as tmp:
-        family.lora_loader_class.save_lora_weights(
-            str(tmp.parent),
-            transformer_lora_layers=state,
-            transformer_lora_adapter_metadata=metadata,
-            weight_name=tmp.name,
-        )
+    _write_lora_file(family, final, state, metadata)
     return final

@@ -35,7 +35,7 @@ from torch import nn
 
 from .quantize import quantizable_linears, quantize_linear
 
-__all__ = ["load_quantized_transformer", "safetensors_files"]
+__all__ = ["empty_transformer", "load_quantized_transformer", "safetensors_files"]
 
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
 _INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -130,6 +130,18 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         raise KeyError(name)
 
 
+def empty_transformer(cls: type, config: Any) -> nn.Module:
+    """``cls.from_config(config)`` with its parameters on the meta device (no memory, no
+    weights) and its buffers computed (rotary tables: no checkpoint carries them)."""
+    from accelerate import init_empty_weights
+
+    # Some parameters are drawn on the CPU before init_empty_weights moves them to the meta
+    # device (Wan's scale_shift_table: torch.randn): keep the caller's random stream where an
+    # ordinary load leaves it (the LoRA initialisation draws from it later).
+    with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
+        return cls.from_config(config)
+
+
 def load_quantized_transformer(
     cls: type,
     path: str | os.PathLike,
@@ -148,17 +160,11 @@ def load_quantized_transformer(
     ``device``. ``None`` when the checkpoint has no safetensors weights (load it the usual way
     and quantize after). A checkpoint that does not match the model's config raises
     ``ValueError`` naming the tensors."""
-    from accelerate import init_empty_weights
-
     folder = _model_folder(path, subfolder, revision=revision, variant=variant, cache_dir=cache_dir)
     files = safetensors_files(folder, variant)
     if files is None:
         return None
-    config = cls.load_config(folder)
-    # Some parameters are drawn on the CPU before init_empty_weights moves them to the meta
-    # device (Wan's scale_shift_table): keep the caller's random stream untouched.
-    with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
-        model = cls.from_config(config)
+    model = empty_transformer(cls, cls.load_config(folder))
     keep_fp32 = set(getattr(cls, "_keep_in_fp32_modules", None) or [])
     device = torch.device(device)
 

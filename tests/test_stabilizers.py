@@ -24,12 +24,7 @@ from fastgen_diffusers.utils import classifier_free_guidance, normalize_guidance
 B, C, H, W = 3, 4, 2, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class Affine(nn.Module):

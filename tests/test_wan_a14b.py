@@ -690,6 +690,20 @@ def test_i2v_pipeline_is_refused_with_what_is_missing(a14b, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_teacher_lora_with_two_experts_is_refused_before_loading(a14b, tmp_path):
+    from fastgen_diffusers.training import parse_args
+    from fastgen_diffusers.training.errors import UserError
+    from fastgen_diffusers.training.preflight import preflight
+
+    (tmp_path / "prompts.jsonl").write_text('{"text": "a cat"}\n')
+    argv = _train_argv(a14b[0], tmp_path, tmp_path / "out")
+    with pytest.raises(UserError) as err:
+        preflight(parse_args([*argv, "--use_lora", "--teacher_lora", "some/style-lora"]))
+    message = str(err.value)
+    assert "--teacher_lora 'some/style-lora' with a two-expert teacher" in message
+    assert "\n" not in message and not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow  # end-to-end training runs
 @pytest.mark.parametrize("layout", ["full", "shared_lora"])
 def test_gan_with_two_experts_trains_and_resumes_exactly(a14b, tmp_path, layout):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from diffusers import StableDiffusion3Pipeline
 from peft import LoraConfig, get_peft_model_state_dict
 
+from fastgen_diffusers.io import atomic_directory
 from fastgen_diffusers.plugins import sd3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -136,35 +136,30 @@ def main() -> None:
     )
     out = Path(args.output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    StableDiffusion3Pipeline.save_lora_weights(
-        staging,
-        transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
-        transformer_lora_adapter_metadata=config.to_dict(),
-    )
-    seconds = round(time.time() - start)
-    # The style at the teacher's 28 steps, with and without the LoRA.
-    scores = {}
-    classifier = digits_eval.load_classifier()
-    for name, enabled in (("teacher", False), ("teacher+style", True)):
-        if enabled:
-            pipe.transformer.enable_adapters()
-        else:
-            pipe.transformer.disable_adapters()
-        images, labels = digits_eval.generate(pipe, 28, 2.0, args.per_digit)
-        scores[name] = digits_eval.evaluate(images, labels, classifier)
-        print(json.dumps({name: scores[name]}), flush=True)
-    real_images, _ = digits_eval.load_digits_32()
-    scores["real digits"] = {"ink": digits_eval.ink(real_images)}
-    scores["real digits, thickened"] = {"ink": digits_eval.ink(thicken(real_images))}
-    summary = {"train_seconds": seconds, "args": vars(args), "scores": scores}
-    (staging / "style_summary.json").write_text(json.dumps(summary, indent=2))
-    if out.exists():
-        for f in out.iterdir():
-            f.unlink()
-        out.rmdir()
-    staging.chmod(0o755)  # mkdtemp makes it private
-    staging.rename(out)
+    # Built in a hidden sibling folder and renamed into place: never a half-written LoRA.
+    with atomic_directory(out) as staging:
+        StableDiffusion3Pipeline.save_lora_weights(
+            staging,
+            transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+            transformer_lora_adapter_metadata=config.to_dict(),
+        )
+        seconds = round(time.time() - start)
+        # The style at the teacher's 28 steps, with and without the LoRA.
+        scores = {}
+        classifier = digits_eval.load_classifier()
+        for name, enabled in (("teacher", False), ("teacher+style", True)):
+            if enabled:
+                pipe.transformer.enable_adapters()
+            else:
+                pipe.transformer.disable_adapters()
+            images, labels = digits_eval.generate(pipe, 28, 2.0, args.per_digit)
+            scores[name] = digits_eval.evaluate(images, labels, classifier)
+            print(json.dumps({name: scores[name]}), flush=True)
+        real_images, _ = digits_eval.load_digits_32()
+        scores["real digits"] = {"ink": digits_eval.ink(real_images)}
+        scores["real digits, thickened"] = {"ink": digits_eval.ink(thicken(real_images))}
+        summary = {"train_seconds": seconds, "args": vars(args), "scores": scores}
+        (staging / "style_summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary), flush=True)
     print(f"style LoRA written to {out}/pytorch_lora_weights.safetensors", flush=True)
 

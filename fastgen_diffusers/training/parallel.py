@@ -97,7 +97,8 @@ def load_pipeline(accelerator: Accelerator, family: Any, path: str, **kwargs: An
     if not is_fsdp2(accelerator):
         return family.load_pipeline(path, **kwargs)
     import diffusers
-    from accelerate import init_empty_weights
+
+    from ..quantized_loading import empty_transformer
 
     revision = kwargs.get("revision")
     index = family.pipeline_class.load_config(path, revision=revision)
@@ -106,11 +107,7 @@ def load_pipeline(accelerator: Accelerator, family: Any, path: str, **kwargs: An
         library, class_name = index[name]
         cls = classes[name] = getattr(diffusers, class_name)
         config = cls.load_config(path, subfolder=name, revision=revision)
-        # Some parameters are drawn on the CPU before init_empty_weights moves them to the meta
-        # device (Wan's scale_shift_table: torch.randn): keep the run's random stream where the
-        # unsharded run has it (the LoRA initialisation draws from it later).
-        with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
-            empty[name] = cls.from_config(config)
+        empty[name] = empty_transformer(cls, config)
         empty[name].to(kwargs.get("torch_dtype") or torch.float32)
     pipe = family.load_pipeline(path, **empty, **kwargs)
     if accelerator.is_main_process:

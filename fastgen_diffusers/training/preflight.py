@@ -335,8 +335,15 @@ def teacher_family(args: TrainingArguments, configs: ModelConfigs | None = None)
 
 def _check_experts(args: TrainingArguments, cfg: Any, family: Any) -> None:
     """What a two-expert teacher (Wan 2.2 A14B) allows: ``--guidance_scale_2`` only there, and
-    only with CFG on."""
+    only with CFG on; no ``--teacher_lora`` (a Wan 2.2 LoRA holds a file per expert)."""
     experts = len(family.transformer_components)
+    if args.teacher_lora is not None and experts > 1:
+        raise UserError(
+            f"--teacher_lora {args.teacher_lora!r} with a two-expert teacher "
+            f"({args.pretrained_model_name_or_path}): a Wan 2.2 LoRA holds a file per expert "
+            "and fusing it is not supported",
+            expected="a single-transformer teacher, or no --teacher_lora",
+        )
     if args.guidance_scale_2 is not None:
         if experts < 2:
             raise UserError(

@@ -278,15 +278,8 @@ def fuse_teacher_lora(args: TrainingArguments, pipe: Any) -> UserLora | None:
     """Fuse ``--teacher_lora`` at ``--teacher_lora_scale`` into the teacher's weights (every
     copy of them this process holds): the teacher, and every network built from it, is then
     base + the user's LoRA, frozen. Returns the LoRA as fused (for export), else ``None``."""
-    if args.teacher_lora is None:
+    if args.teacher_lora is None:  # a two-expert teacher is refused by the preflight
         return None
-    if getattr(pipe, "transformer_2", None) is not None:
-        raise UserError(
-            f"--teacher_lora {args.teacher_lora!r} with a two-expert teacher "
-            f"({args.pretrained_model_name_or_path}): a Wan 2.2 LoRA holds a file per expert "
-            "and fusing it is not supported",
-            expected="a single-transformer teacher, or no --teacher_lora",
-        )
     user_lora = None
     for transformer in teacher_transformers_with_weights(pipe):
         try:
