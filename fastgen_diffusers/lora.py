@@ -160,7 +160,7 @@ def _expert_models(model: nn.Module) -> list[nn.Module]:
 def _unknown_family(message: str) -> ValueError:
     from .plugins.registry import registered_families
 
-    known = sorted(cls.transformer_class.__name__ for cls in registered_families().values())
+    known = sorted({cls.transformer_class.__name__ for cls in registered_families().values()})
     return ValueError(f"{message} (known families: {', '.join(known)})")
 
 

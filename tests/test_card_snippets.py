@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 def run_card_snippet(out: Path, elsewhere: Path, monkeypatch) -> dict:
     (code,) = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), flags=re.S)
     assert f"student = {str(out.resolve())!r}" in code  # a local card: absolute paths
-    elsewhere.mkdir()
+    elsewhere.mkdir(exist_ok=True)  # a test may put input files (first_frame.png) there
     monkeypatch.chdir(elsewhere)
     code = code.replace('pipe.to("cuda")', 'pipe.to("cpu")').replace("bfloat16", "float32")
     namespace: dict = {}

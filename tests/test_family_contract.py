@@ -4,6 +4,7 @@ abstract method left, detection round trip, and a wrapper answering in the laten
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import pytest
@@ -37,9 +38,11 @@ SAVERS = {
     "sd3": save_tiny_sd3,
     "flux": save_tiny_flux,
     "wan": save_tiny_wan,
+    "wan_i2v": functools.partial(save_tiny_wan, boundary_ratio=0.9, image_to_video=True),
     "qwen_image": save_tiny_qwen_image,
 }
-TAGS = ("text-to-image", "text-to-video")
+VIDEO_TAGS = ("text-to-video", "image-to-video")
+TAGS = ("text-to-image", *VIDEO_TAGS)
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +87,18 @@ def test_family_attributes(name):
     assert isinstance(loader, type) and loader.__module__.startswith("diffusers.loaders")
     assert callable(getattr(loader, "load_lora_weights", None))
     assert callable(getattr(loader, "save_lora_weights", None))
-    assert cls.pipeline_tag in TAGS and (cls.pipeline_tag == "text-to-video") == cls.is_video
+    assert cls.pipeline_tag in TAGS and (cls.pipeline_tag in VIDEO_TAGS) == cls.is_video
+    assert isinstance(cls.condition_image, bool)
+    assert cls.condition_image == (cls.pipeline_tag == "image-to-video")
     assert cls.license_hint is None or all(
         isinstance(key, str) and "license" in fields for key, fields in cls.license_hint.items()
     )
     assert family_for_pipeline_class(cls.pipeline_class.__name__) is cls
-    assert family_for_transformer(cls.transformer_class) is cls
+    # Families sharing a transformer class (Wan T2V / I2V) resolve to the first registered.
+    sharing = [
+        f for f in registered_families().values() if f.transformer_class is cls.transformer_class
+    ]
+    assert family_for_transformer(cls.transformer_class) is sharing[0]
     family = cls()
     assert isinstance(family.card_notes(base_model="a/b", lora=False), str)
     assert isinstance(family.card_license("a/b"), dict)
@@ -102,7 +111,7 @@ def test_detection_wrap_and_latent_layout(saved, name):
     pipe = family.load_pipeline(saved[name])
     assert type(pipe) is family.pipeline_class
     assert isinstance(pipe.transformer, family.transformer_class)
-    assert family_for_transformer(pipe.transformer) is type(family)
+    assert family_for_transformer(pipe.transformer).transformer_class is family.transformer_class
     height, width = family.default_size(pipe)
     assert height > 0 and width > 0
 
@@ -118,6 +127,14 @@ def test_detection_wrap_and_latent_layout(saved, name):
     wrapped = family.wrap(teacher.transformer)
     assert default_target_modules(wrapped) == list(family.lora_target_modules)
     cond = family.encode_prompts(pipe, ["a cat"], max_sequence_length=TEXT_LENGTHS[name])
+    if family.condition_image:  # image-to-video: the image's condition, one row per sample
+        pixels = torch.rand(1, 3, size["height"], size["width"]) * 2 - 1
+        cond.update(
+            family.encode_condition(pipe, pixels, size["height"], size["width"], size["num_frames"])
+        )
+    else:
+        with pytest.raises(ValueError, match="takes no condition image"):
+            family.encode_condition(pipe, [], 16, 16)
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = teacher(hidden_states=x, timestep=torch.tensor([0.5]), **cond)

@@ -585,19 +585,35 @@ A14B_LOSS_RTOL = 5e-4
         [],
         ["--use_lora", "--lora_layout", "shared_lora", "--rank", "4"],
         ["--use_lora", "--lora_layout", "shared_lora", "--rank", "4", "gan"],
+        ["--use_lora", "--lora_layout", "shared_lora", "--rank", "4", "i2v"],
     ],
-    ids=["full", "shared_lora", "shared_lora_gan"],
+    ids=["full", "shared_lora", "shared_lora_gan", "i2v_shared_lora"],
 )
 def test_two_expert_wan_on_two_ranks_equals_one_process(tmp_path, layout):
     """Wan 2.2 A14B (two experts, each sharded): 2 ranks with one sample each (their rows often
     belong to different experts) equal one process over both samples; with the GAN branch each
     rank's features and logits come from its rows' expert (the other expert's one-row run
-    dropped)."""
-    model = save_tiny_wan(tmp_path / "a14b", boundary_ratio=0.875)
+    dropped). Image-to-video (I2V-A14B): each rank encodes its share of the rows' image
+    conditions into the cache, and every network takes its rows' condition."""
+    i2v = layout[-1:] == ["i2v"]
+    recipe = "general/distillation/dmd2_wan22_a14b_" + ("i2v" if i2v else "t2v")
+    model = save_tiny_wan(
+        tmp_path / "a14b", boundary_ratio=0.9 if i2v else 0.875, image_to_video=i2v
+    )
     prompts = tmp_path / "prompts.jsonl"
     size = CALL_KWARGS["wan"]
     overrides = ["student_update_freq=2", "ema.decay=0.9"]
     rows = [{"text": p} for p in PROMPTS[:4]]
+    if i2v:
+        import numpy as np
+        import PIL.Image
+
+        layout = [*layout[:-1], "--image_column", "image"]
+        rng = np.random.default_rng(1)
+        for i, row in enumerate(rows):
+            pixels = (rng.random((size["height"], size["width"], 3)) * 255).astype(np.uint8)
+            PIL.Image.fromarray(pixels).save(tmp_path / f"frame{i}.png")
+            row["image"] = f"frame{i}.png"
     if "gan" in layout:
         import numpy as np
         from diffusers.utils import export_to_video
@@ -617,7 +633,7 @@ def test_two_expert_wan_on_two_ranks_equals_one_process(tmp_path, layout):
             "--pretrained_model_name_or_path",
             str(model),
             "--recipe",
-            "general/distillation/dmd2_wan22_a14b_t2v",
+            recipe,
             "--recipe_overrides",
             *overrides,
             "--guidance_scale_2",

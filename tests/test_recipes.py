@@ -103,6 +103,23 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "sample_t_cfg.t_list": [1.0, 0.9375, 0.8333333134651184, 0.625, 0.0],
         **EMA,
     },
+    "dmd2_wan22_a14b_i2v": {
+        "pred_type": "flow",
+        "num_train_timesteps": None,
+        "guidance_scale": 3.5,
+        "student_sample_steps": 4,
+        "student_sample_type": "ode",
+        "backward_simulation": True,
+        "student_update_freq": 5,
+        "fake_score_pred_type": "x0",
+        "gan_loss_weight_gen": 0.0,
+        "sample_t_cfg.time_dist_type": "shifted",
+        "sample_t_cfg.shift": 5.0,
+        "sample_t_cfg.min_t": 0.001,
+        "sample_t_cfg.max_t": 0.999,
+        "sample_t_cfg.t_list": [1.0, 0.9375, 0.8333333134651184, 0.625, 0.0],
+        **EMA,
+    },
     "dmd2_sd35_medium": {
         "pred_type": "flow",
         "num_train_timesteps": None,
@@ -233,6 +250,7 @@ FAMILY: dict[str, tuple[Any, str | None, tuple[int, ...]]] = {
     "dmd2_wan21_t2v_14b": (wan, "Wan-AI/Wan2.1-T2V-14B-Diffusers", wan.default_feature_indices(40)),
     # No GAN branch with two experts: no feature blocks.
     "dmd2_wan22_a14b_t2v": (wan, "Wan-AI/Wan2.2-T2V-A14B-Diffusers", None),
+    "dmd2_wan22_a14b_i2v": (wan, "Wan-AI/Wan2.2-I2V-A14B-Diffusers", None),
     "dmd2_sd35_medium": (
         sd3,
         "stabilityai/stable-diffusion-3.5-medium",
@@ -382,4 +400,16 @@ def test_wan22_a14b_t_list_is_lightnings_shift_5_schedule_two_rungs_per_expert()
     assert t_list[:-1] == pytest.approx(shifted, abs=1e-7)
     assert expert_of_rungs(t_list, 0.875) == ["high", "high", "low", "low"]
     config = WanFamily(boundary_ratio=0.875).student_scheduler_config(t_list)
+    assert wan.pipeline_t_list(config, 4) == pytest.approx(t_list, abs=1e-6)
+
+
+def test_wan22_a14b_i2v_rungs_fall_two_per_expert_of_boundary_0_9():
+    """The I2V recipe keeps Lightning's shift-5 rungs; at the I2V boundary 0.9 they still
+    split two and two, and the exported scheduler config leads the stock pipeline over them."""
+    from fastgen_diffusers.plugins.wan_experts import expert_of_rungs
+    from fastgen_diffusers.plugins.wan_i2v import WanImageToVideoFamily
+
+    t_list = fastgen_diffusers.load_dmd_config(PREFIX + "dmd2_wan22_a14b_i2v").sample_t_cfg.t_list
+    assert expert_of_rungs(t_list, 0.9) == ["high", "high", "low", "low"]
+    config = WanImageToVideoFamily(boundary_ratio=0.9).student_scheduler_config(t_list)
     assert wan.pipeline_t_list(config, 4) == pytest.approx(t_list, abs=1e-6)

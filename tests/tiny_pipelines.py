@@ -35,6 +35,7 @@ from diffusers import (
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
 )
@@ -55,11 +56,12 @@ CALL_KWARGS: dict[str, dict[str, int]] = {
     "sd3": {"height": 16, "width": 24},
     "flux": {"height": 16, "width": 24},
     "wan": {"height": 64, "width": 96, "num_frames": 5},
+    "wan_i2v": {"height": 64, "width": 96, "num_frames": 5},
     "qwen_image": {"height": 64, "width": 96},
 }
 # max_sequence_length for the T5 / umT5 / Qwen text encoders in tests. Qwen's byte-level
 # tokenizer has no merges, so the chat template alone is ~150 tokens: keep room for the prompt.
-TEXT_LENGTHS: dict[str, int] = {"sd3": 8, "flux": 8, "wan": 8, "qwen_image": 256}
+TEXT_LENGTHS: dict[str, int] = {"sd3": 8, "flux": 8, "wan": 8, "wan_i2v": 8, "qwen_image": 256}
 
 _LETTERS = string.ascii_lowercase
 
@@ -243,13 +245,20 @@ def save_tiny_flux(path: str | os.PathLike, *, guidance_embeds: bool = True) -> 
 
 
 def save_tiny_wan(
-    path: str | os.PathLike, *, expand_timesteps: bool = False, boundary_ratio: float | None = None
+    path: str | os.PathLike,
+    *,
+    expand_timesteps: bool = False,
+    boundary_ratio: float | None = None,
+    image_to_video: bool = False,
 ) -> Path:
     """A tiny text-to-video ``WanPipeline``: 2-layer transformer, umT5 encoder, a Wan VAE with
     the 8x spatial / 4x temporal factors of the real one (4 latent channels).
 
     ``boundary_ratio`` (e.g. 0.875): a Wan 2.2 A14B-style two-expert pipeline, ``transformer_2``
     (the low-noise expert) of the same architecture with other weights.
+
+    ``image_to_video``: a ``WanImageToVideoPipeline`` of the Wan 2.2 I2V-A14B layout (no CLIP
+    image encoder; the transformers take 4 noisy + 4 frame-mask + 4 condition channels).
 
     The scheduler is ``FlowMatchEulerDiscreteScheduler(shift=3.0)`` (the released checkpoints
     ship UniPC), so that an Euler sampler can reproduce the pipeline step for step.
@@ -263,7 +272,7 @@ def save_tiny_wan(
             patch_size=(1, 2, 2),
             num_attention_heads=2,
             attention_head_dim=12,
-            in_channels=4,
+            in_channels=12 if image_to_video and not expand_timesteps else 4,
             out_channels=4,
             text_dim=16,
             freq_dim=16,
@@ -297,13 +306,15 @@ def save_tiny_wan(
                 relative_attention_num_buckets=8,
             )
         ).eval()
-        pipe = WanPipeline(
+        extra = {"image_processor": None, "image_encoder": None} if image_to_video else {}
+        pipe = (WanImageToVideoPipeline if image_to_video else WanPipeline)(
             tokenizer=tokenizer,
             text_encoder=text_encoder,
             vae=vae,
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
             transformer=transformer,
             expand_timesteps=expand_timesteps,
+            **extra,
             **(
                 {"transformer_2": transformer_2, "boundary_ratio": boundary_ratio}
                 if boundary_ratio is not None

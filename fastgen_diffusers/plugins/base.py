@@ -102,6 +102,9 @@ class Family(ABC):
             base model id (e.g. ``"FLUX.1-dev"``), used by the model card when no licence is
             given; ``None`` when there is none to suggest.
         video_fps: frames per second of the model card's ``export_to_video`` (video only).
+        condition_image: each sample is generated from an image too (image-to-video): the cache
+            holds :meth:`encode_condition` of every row's image (or its video's first frame)
+            and validation needs one image per prompt.
     """
 
     name: ClassVar[str]
@@ -117,6 +120,7 @@ class Family(ABC):
     pipeline_tag: ClassVar[str] = "text-to-image"
     license_hint: ClassVar[Mapping[str, Mapping[str, str]] | None] = None
     video_fps: ClassVar[int | None] = None
+    condition_image: ClassVar[bool] = False
     # Image families whose VAE is a video VAE (Qwen-Image) see an image as one frame.
     _vae_frame_axis: ClassVar[bool] = False
 
@@ -219,6 +223,23 @@ class Family(ABC):
                 + (" (wrap a single prompt in a list)" if isinstance(prompts, str) else "")
             )
         return list(prompts)
+
+    # -- image condition (image-to-video) -------------------------------------------------------
+
+    def encode_condition(
+        self,
+        pipe: DiffusionPipeline,
+        images: torch.Tensor | Sequence[Any],
+        height: int,
+        width: int,
+        num_frames: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample conditioning from one image per sample (families with
+        :attr:`condition_image`), keyed by the wrapper's ``forward`` argument names, batch
+        first: ``images`` are pixels ``[B, 3, height, width]`` in [-1, 1] (the training data's
+        preprocessing) or PIL images, which go through the stock pipeline's own preprocessing
+        (resized to ``height x width``) exactly as its ``image=`` argument does."""
+        raise ValueError(f"{self.name} generates from prompts only: it takes no condition image")
 
     # -- media -----------------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ __all__ = [
 
 # The built-in family modules, imported on first lookup (each imports diffusers). A new built-in
 # family adds its module name here.
-BUILTIN_FAMILY_MODULES = ("sd3", "flux", "wan", "qwen_image")
+BUILTIN_FAMILY_MODULES = ("sd3", "flux", "wan", "wan_i2v", "qwen_image")
 
 _REGISTRY: dict[str, type[Family]] = {}
 _loaded = False
@@ -124,7 +124,8 @@ def family_for_pipeline_class(name: str) -> type[Family] | None:
 def family_for_transformer(model: nn.Module | type) -> type[Family] | None:
     """The family of a diffusers transformer (a module, seen through wrappers, DDP and compile,
     or a class), matched by ``isinstance`` so FSDP2's ``FSDP<Class>`` subclass counts; else
-    ``None``."""
+    ``None``. Families sharing a transformer class (Wan text- and image-to-video) answer with
+    the first registered, whose transformer-level members they share."""
     families = registered_families().values()
     if isinstance(model, type):
         return next((cls for cls in families if issubclass(model, cls.transformer_class)), None)
@@ -133,20 +134,6 @@ def family_for_transformer(model: nn.Module | type) -> type[Family] | None:
         if found is not None:
             return found
     return None
-
-
-# Pipelines whose teacher the library wraps (sampling reproduces the stock pipeline) but that
-# train_dmd2.py cannot train yet, with what is missing.
-_NOT_TRAINABLE = {
-    "WanImageToVideoPipeline": (
-        "image-to-video distillation is not supported yet: the training data path does not "
-        "encode each row's image into the condition latents the student, fake score and teacher "
-        "take, nor validate or export with an image (in Python, plugins.wan.WanWrapper / "
-        "plugins.wan_experts.WanExperts with plugins.wan.prepare_image_condition reproduce the "
-        "teacher). Distill a text-to-video WanPipeline (e.g. Wan-AI/Wan2.2-T2V-A14B-Diffusers) "
-        "instead"
-    ),
-}
 
 
 def _supported() -> str:
@@ -193,8 +180,6 @@ def family_from_pretrained(
     if index is not None:
         pipeline = index.get("_class_name")
         cls = family_for_pipeline_class(pipeline) if isinstance(pipeline, str) else None
-        if cls is None and pipeline in _NOT_TRAINABLE:
-            raise ValueError(f"{path} holds a {pipeline}: {_NOT_TRAINABLE[pipeline]}")
         if cls is None:
             transformer = (index.get("transformer") or [None, None])[1]
             raise ValueError(

@@ -576,16 +576,28 @@ def prepare_image_condition(
     ``"encoder_hidden_states_image"`` for Wan 2.1 I2V. With ``expand_timesteps`` (TI2V-5B) the
     condition is the first frame's latent ``[B, C, 1, H, W]``; otherwise it is ``[B, 4 + C, F,
     H, W]`` (frame mask, then the latents of the image followed by zero frames).
+
+    ``image`` may also be already preprocessed pixels ``[1, 3, height, width]`` in [-1, 1]
+    (what ``video_processor.preprocess`` returns; training data's first frames): they are used
+    as they are. Models with a CLIP image encoder need a PIL image.
     """
     device = torch.device(device) if device is not None else pipe._execution_device
     transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
     out: dict[str, torch.Tensor] = {}
     if transformer.config.image_dim is not None:
+        if isinstance(image, torch.Tensor):
+            raise ValueError(
+                "this Wan model encodes its image with CLIP (image_dim is set): pass the "
+                "image as a PIL image, not a pixel tensor"
+            )
         images = image if last_image is None else [image, last_image]
         embeds = pipe.encode_image(images, device).repeat(batch_size, 1, 1)
         out["encoder_hidden_states_image"] = embeds.to(transformer.dtype)
     shape = latent_shape(pipe, height, width, num_frames, batch_size)
-    pixels = pipe.video_processor.preprocess(image, height=height, width=width)
+    if isinstance(image, torch.Tensor):
+        pixels = _preprocessed_pixels(image, height, width)
+    else:
+        pixels = pipe.video_processor.preprocess(image, height=height, width=width)
     pixels = pixels.to(device, dtype=torch.float32)
     if last_image is not None:
         last_image = pipe.video_processor.preprocess(last_image, height=height, width=width)
@@ -607,6 +619,24 @@ def prepare_image_condition(
     )
     out["condition_latents"] = prepared[1]
     return out
+
+
+def _preprocessed_pixels(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """One image's pixels ``[1, 3, height, width]`` in [-1, 1], checked."""
+    if pixels.ndim == 3:
+        pixels = pixels[None]
+    if tuple(pixels.shape) != (1, 3, height, width):
+        raise ValueError(
+            f"condition pixels must be one image [1, 3, {height}, {width}] (or [3, H, W]), got "
+            f"{tuple(pixels.shape)}"
+        )
+    low, high = float(pixels.min()), float(pixels.max())
+    if low < -1.001 or high > 1.001:
+        raise ValueError(
+            f"condition pixels must be in [-1, 1] (x / 127.5 - 1), got values in "
+            f"[{low:.4g}, {high:.4g}]"
+        )
+    return pixels
 
 
 def _latent_stats(

@@ -122,6 +122,7 @@ class TrainingArguments:
     checkpoints_total_limit: int | None
     resume_from_checkpoint: str | None
     validation_prompts: list[str] | None
+    validation_image: list[str] | None
     validation_steps: int
     teacher_validation_steps: int
     report_to: str
@@ -560,6 +561,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Prompts sampled by the student every --validation_steps.",
     )
     logs.add_argument(
+        "--validation_image",
+        type=str,
+        nargs="*",
+        default=None,
+        help="Image-to-video teachers: the first frame of each validation video, one image "
+        "(file or URL) per --validation_prompts prompt, or one for all of them.",
+    )
+    logs.add_argument(
         "--validation_steps", type=int, default=500, help="Validate every N iterations."
     )
     logs.add_argument(
@@ -739,6 +748,7 @@ def check_arguments(args: TrainingArguments | argparse.Namespace) -> None:
                 expected="non-empty prompts",
                 fix="remove it or write a prompt",
             )
+    _check_validation_images(args)
     for name in args.lora_target_modules or []:
         if not name:
             raise UserError(
@@ -752,6 +762,33 @@ def check_arguments(args: TrainingArguments | argparse.Namespace) -> None:
         )
     if args.hub_model_id is not None and not args.hub_model_id.strip():
         raise UserError("--hub_model_id is empty", expected="a repository id such as me/student")
+
+
+def _check_validation_images(args: TrainingArguments | argparse.Namespace) -> None:
+    """One ``--validation_image`` per validation prompt (or one for all); local files exist."""
+    images = args.validation_image
+    if not images:
+        return
+    prompts = args.validation_prompts or []
+    if not prompts:
+        raise UserError(
+            "--validation_image is given without --validation_prompts",
+            expected="validation prompts, each generated from its --validation_image",
+        )
+    if len(images) not in (1, len(prompts)):
+        raise UserError(
+            f"--validation_image gives {len(images)} images for {len(prompts)} "
+            "--validation_prompts",
+            expected="one image per prompt, or one image for all of them",
+        )
+    for image in images:
+        if not image.startswith(("http://", "https://")) and not os.path.isfile(
+            os.path.expanduser(image)
+        ):
+            raise UserError(
+                f"--validation_image {image!r} is not a file",
+                expected="an image file (png, jpg, ...) or an http(s) URL",
+            )
 
 
 def _check_teacher_lora(args: TrainingArguments | argparse.Namespace) -> None:
@@ -812,6 +849,8 @@ def parse_args(argv: list[str] | None = None) -> TrainingArguments:
         )
     if args.validation_prompts == []:
         args.validation_prompts = None
+    if args.validation_image == []:
+        args.validation_image = None
     try:
         args.lora_target_modules = _split_commas(args.lora_target_modules)
         check_arguments(args)

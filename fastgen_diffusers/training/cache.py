@@ -102,7 +102,9 @@ class CacheSettings:
     name the encoders and how they run; ``height`` / ``width`` / ``num_frames`` the media
     preprocessing (``None`` when only prompts are cached); ``negative_prompt`` is encoded once
     (``None``: none); ``needs_media``: the images / videos are encoded to latents too (then
-    ``build_cache`` needs ``encode_media``, and ``height`` and ``width``).
+    ``build_cache`` needs ``encode_media``, and ``height`` and ``width``);
+    ``condition_image``: each row's image (a video's first frame) is encoded into per-sample
+    conditioning (image-to-video; ``build_cache`` needs ``encode_condition``).
 
     Example::
 
@@ -122,6 +124,7 @@ class CacheSettings:
     dtype: str | torch.dtype | None = None
     negative_prompt: str | None = ""
     needs_media: bool = False
+    condition_image: bool = False
 
     def __post_init__(self) -> None:
         self.fingerprint_parts()  # refuse values that cannot be fingerprinted, here
@@ -132,10 +135,11 @@ class CacheSettings:
             )
         if self.height is not None:
             _as_hw((self.height, self.width))
-        if self.needs_media and self.height is None:
+        if (self.needs_media or self.condition_image) and self.height is None:
             raise ValueError(
                 "resolution (height and width) is required to encode images or videos "
-                "(needs_media=True), got None"
+                f"(needs_media={self.needs_media}, condition_image={self.condition_image}), "
+                "got None"
             )
 
     @property
@@ -145,7 +149,10 @@ class CacheSettings:
 
     def fingerprint_parts(self) -> dict[str, Any]:
         """The fields as JSON values (dtypes and paths as strings)."""
-        return _jsonable(dataclasses.asdict(self), "fingerprint_parts")
+        fields = dataclasses.asdict(self)
+        if not fields["condition_image"]:
+            del fields["condition_image"]  # caches built before the field existed stay valid
+        return _jsonable(fields, "fingerprint_parts")
 
 
 def _fingerprint_inputs(dataset: datasets.Dataset, settings: CacheSettings) -> dict[str, Any]:
@@ -241,6 +248,7 @@ class EmbeddingCache:
         *,
         encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
         encode_media: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        encode_condition: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
         batch_size: int = 8,
         samples_per_shard: int = 1024,
         inputs: Mapping[str, Any] | None = None,
@@ -268,6 +276,7 @@ class EmbeddingCache:
             dataset=dataset,
             encode_prompts=encode_prompts,
             encode_media=encode_media if settings.needs_media else None,
+            encode_condition=encode_condition if settings.condition_image else None,
             batch_size=batch_size,
             resolution=settings.resolution,
             num_frames=settings.num_frames,
@@ -337,6 +346,9 @@ class EmbeddingCache:
                 "prompts": [p for _, part in parts for p in part["prompts"]],
                 "cond": _one_spec([part["cond"] for _, part in parts], "encode_prompts"),
                 "latents": _one_spec([part["latents"] for _, part in parts], "encode_media"),
+                "condition": _one_spec(
+                    [part["condition"] for _, part in parts], "encode_condition"
+                ),
             }
             negative = self._write_negative(tmp, encode_prompts, negative_prompt, whole)
             self._write_index(tmp, whole, negative, inputs)
@@ -351,6 +363,7 @@ class EmbeddingCache:
         dataset: datasets.Dataset,
         encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
         encode_media: Callable[[torch.Tensor], torch.Tensor] | None,
+        encode_condition: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None,
         batch_size: int,
         resolution: tuple[int, int] | None,
         num_frames: int | None,
@@ -361,7 +374,8 @@ class EmbeddingCache:
         """Encode this rank's share into shard files in ``out``: a contiguous run of whole
         batches (the same batches one process encodes, so the same values). Returns the
         shards (global sample ranges), prompts and per-sample specs."""
-        media = _media_column(dataset) if encode_media is not None else None
+        with_media = encode_media is not None or encode_condition is not None
+        media = _media_column(dataset) if with_media else None
         # Read only what is encoded: media not turned into latents are never decoded.
         rows = dataset.select_columns([PROMPT_COLUMN] + ([media] if media else []))
         if media is not None and isinstance(
@@ -375,7 +389,7 @@ class EmbeddingCache:
         num_batches = -(-n // batch_size)
         first = num_batches * process_index // num_processes * batch_size
         end = min(n, num_batches * (process_index + 1) // num_processes * batch_size)
-        cond_spec, latent_spec = _Spec(), _Spec()
+        cond_spec, latent_spec, condition_spec = _Spec(), _Spec(), _Spec()
         prompts: list[str] = []
         shards: list[dict[str, Any]] = []
         pending: dict[str, list[torch.Tensor]] = {}
@@ -417,10 +431,25 @@ class EmbeddingCache:
                         for i, value in enumerate(batch[media])
                     ]
                 )
+            if encode_media is not None:
                 with torch.no_grad():
                     latents = _to_cpu(encode_media(pixels), "latents", len(texts), "encode_media")
                 latent_spec.check({"latents": latents}, "encode_media", what)
                 tensors["latents"] = latents
+            if encode_condition is not None:
+                first = pixels if pixels.ndim == 4 else pixels[:, :, 0]  # a video's first frame
+                with torch.no_grad():
+                    condition = encode_condition(first)
+                condition = {
+                    k: _to_cpu(v, k, len(texts), "encode_condition") for k, v in condition.items()
+                }
+                condition_spec.check(condition, "encode_condition", what)
+                clash = set(condition) & set(cond)
+                if clash:
+                    raise ValueError(
+                        f"encode_condition and encode_prompts both returned {sorted(clash)}"
+                    )
+                tensors.update({f"cond.{k}": v for k, v in condition.items()})
             for key, value in tensors.items():
                 pending.setdefault(key, []).append(value)
             prompts.extend(texts)
@@ -432,6 +461,7 @@ class EmbeddingCache:
             "prompts": prompts,
             "cond": cond_spec.to_json(),
             "latents": latent_spec.to_json().get("latents"),
+            "condition": condition_spec.to_json() or None,
         }
 
     def _write_negative(
@@ -471,6 +501,7 @@ class EmbeddingCache:
             "shards": part["shards"],
             "cond": part["cond"],
             "latents": part["latents"],
+            "condition": part["condition"],
             "negative": negative,
             "inputs": dict(inputs or {}),
             "prompts": part["prompts"],
@@ -549,7 +580,8 @@ class CachedDataset(torch.utils.data.Dataset):
             )
         self.fingerprint: str = index["fingerprint"]
         self.prompts: list[str] = index["prompts"]
-        self.cond_keys: list[str] = list(index["cond"])
+        # Image-to-video: the per-row image condition is read with the prompt's conditioning.
+        self.cond_keys: list[str] = list(index["cond"]) + list(index.get("condition") or {})
         self.has_latents: bool = index["latents"] is not None
         self.inputs: dict[str, Any] = index["inputs"]
         self._shards: list[dict[str, Any]] = index["shards"]
@@ -635,6 +667,7 @@ def build_cache(
     cache_dir: str | os.PathLike,
     encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]],
     encode_media: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    encode_condition: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
     batch_size: int = 8,
     samples_per_shard: int = 1024,
     process_index: int = 0,
@@ -651,6 +684,12 @@ def build_cache(
     VAE needs). Both run under ``torch.no_grad``; moving inputs to the encoders' device and dtype
     is theirs to do. ``settings.negative_prompt`` (``None``: none) is encoded once into
     :attr:`CachedDataset.negative`.
+
+    ``encode_condition(pixels)`` (given exactly when ``settings.condition_image``;
+    image-to-video) maps each row's image ``[B, 3, H, W]`` in [-1, 1] (for a video row: its
+    first frame, as preprocessed for the latents) to per-sample conditioning, e.g.
+    ``{"condition_latents": [B, ...]}``, cached and read back with the prompt's in
+    ``sample["cond"]`` (the negative prompt's has only the prompt keys).
 
     The cache lives in ``cache_dir/<fingerprint>/`` (:func:`cache_fingerprint` of ``dataset``
     and ``settings``). When it is already there the encoders are not called.
@@ -682,11 +721,18 @@ def build_cache(
             f"{'given' if encode_media is not None else 'None'}: give encode_media exactly when "
             "the media are cached as latents"
         )
-    if encode_media is not None and _media_column(dataset) is None:
+    if settings.condition_image != (encode_condition is not None):
         raise ValueError(
-            f"encode_media was given but the dataset has no {IMAGE_COLUMN!r} or "
-            f"{VIDEO_COLUMN!r} column (columns: {dataset.column_names})"
+            f"settings.condition_image is {settings.condition_image} but encode_condition is "
+            f"{'given' if encode_condition is not None else 'None'}: give encode_condition "
+            "exactly when each row's image is cached as conditioning"
         )
+    for fn, name in ((encode_media, "encode_media"), (encode_condition, "encode_condition")):
+        if fn is not None and _media_column(dataset) is None:
+            raise ValueError(
+                f"{name} was given but the dataset has no {IMAGE_COLUMN!r} or "
+                f"{VIDEO_COLUMN!r} column (columns: {dataset.column_names})"
+            )
     inputs = _fingerprint_inputs(dataset, settings)
     cache = EmbeddingCache(cache_dir, _hash(inputs))
     exists = cache.exists()
@@ -701,6 +747,7 @@ def build_cache(
         settings,
         encode_prompts=encode_prompts,
         encode_media=encode_media,
+        encode_condition=encode_condition,
         batch_size=batch_size,
         samples_per_shard=samples_per_shard,
         inputs=inputs,

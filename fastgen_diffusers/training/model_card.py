@@ -215,8 +215,8 @@ def render_usage_snippet(
     lines.append('pipe.to("cuda")')
     lines.append("")
     call = [f"    {prompt!r},"]
-    if task == "image-to-video":
-        call.append('    image=load_image("first_frame.png"),')
+    if task == "image-to-video":  # its __call__ takes the image first
+        call = ['    image=load_image("first_frame.png"),', f"    prompt={prompt!r},"]
     call += [f"    {key}={_literal(value, key)}," for key, value in pipeline_kwargs.items()]
     if task == "text-to-image":
         lines += ["image = pipe(", *call, ").images[0]", 'image.save("student.png")']

@@ -83,7 +83,7 @@ def preflight(args: TrainingArguments) -> Preflight:
     _check_experts(args, cfg, family)
     check_sizes(args, family, configs)
     check_video_backend(args, family)
-    _check_dataset(args, cfg)
+    _check_dataset(args, cfg, family)
     resume = _check_resume(args)
     _check_writable(Path(args.output_dir), "--output_dir")
     if args.embedding_cache_dir:
@@ -374,6 +374,8 @@ def _recipe_family_warnings(recipe: str, family: Any) -> list[str]:
     if len(named) != 1 or family.name in named:
         return []
     other = named.pop()
+    if registered_families()[other].transformer_class is family.transformer_class:
+        return []  # the same model (Wan text- / image-to-video): the numbers carry over
     return [
         f"--recipe {recipe!r} looks made for {other} teachers, but the teacher is "
         f"{family.name}: its timestep shift, guidance and GAN blocks may not fit"
@@ -461,21 +463,24 @@ def check_sizes(args: TrainingArguments, family: Any, configs: ModelConfigs) -> 
 
 def check_video_backend(args: TrainingArguments, family: Any) -> None:
     """A video teacher with validation prompts writes MP4s, and a video column is read from
-    files: both need imageio with its ffmpeg plugin (the ``[video]`` extra). Checked here so a
-    missing package does not end the run at its first validation."""
+    files: both need imageio with its ffmpeg plugin; an image-to-video teacher's prompts need
+    ftfy (all in the ``[video]`` extra). Checked here so a missing package does not end the run
+    at its first validation or its cache."""
     import importlib.util
 
-    if not (family.is_video and (args.validation_prompts or args.video_column)):
-        return
-    missing = [p for p in ("imageio", "imageio_ffmpeg") if importlib.util.find_spec(p) is None]
+    # WanImageToVideoPipeline's prompt cleaning calls ftfy whether or not it is installed.
+    needed = ("ftfy",) if family.condition_image else ()
+    if family.is_video and (args.validation_prompts or args.video_column):
+        needed += ("imageio", "imageio_ffmpeg")
+    missing = [p for p in needed if importlib.util.find_spec(p) is None]
     if missing:
-        what = "--validation_prompts" if args.validation_prompts else "--video_column"
+        uses = (["WanImageToVideoPipeline's prompt cleaning"] if "ftfy" in missing else []) + (
+            ["validation MP4s and .mp4 training data"] if "imageio" in needed else []
+        )
         raise UserError(
-            f"{what} with the video teacher {args.pretrained_model_name_or_path!r} needs "
-            f"{' and '.join(missing)} (validation MP4s, .mp4 training data), which is not "
-            "installed",
-            fix='`pip install "fastgen_diffusers[video]"` (or `pip install imageio '
-            "imageio-ffmpeg`)",
+            f"the video teacher {args.pretrained_model_name_or_path!r} needs "
+            f"{' and '.join(missing)} ({'; '.join(uses)}), which is not installed",
+            fix=f'`pip install "fastgen_diffusers[video]"` (or `pip install {" ".join(missing)}`)',
         )
 
 
@@ -520,10 +525,11 @@ def load_dataset_checked(args: TrainingArguments) -> Any:
         raise UserError(f"{flag} {source!r}: {err}") from err
 
 
-def _check_dataset(args: TrainingArguments, cfg: DMDConfig) -> None:
+def _check_dataset(args: TrainingArguments, cfg: DMDConfig, family: Any) -> None:
     from .data import IMAGE_COLUMN, VIDEO_COLUMN
 
     dataset = load_dataset_checked(args)
+    _check_condition_images(args, cfg, family, dataset.column_names)
     if needs_media(cfg) and not {IMAGE_COLUMN, VIDEO_COLUMN} & set(dataset.column_names):
         raise UserError(
             "This recipe needs real images/videos (GAN branch, or a multi-step student without "
@@ -531,6 +537,45 @@ def _check_dataset(args: TrainingArguments, cfg: DMDConfig) -> None:
             "prompts only",
             fix="give a dataset with images (--image_column) or videos (--video_column), or "
             "change the recipe",
+        )
+
+
+def _check_condition_images(
+    args: TrainingArguments, cfg: DMDConfig, family: Any, columns: list[str]
+) -> None:
+    """Image-to-video: every row has an image (or a video, whose first frame is the image),
+    and every validation prompt one; other teachers take no image."""
+    from .data import IMAGE_COLUMN, VIDEO_COLUMN
+
+    teacher = args.pretrained_model_name_or_path
+    if not family.condition_image:
+        if args.validation_image:
+            raise UserError(
+                f"--validation_image is given, but {teacher!r} generates from prompts alone "
+                f"({family.pipeline_class.__name__})",
+                fix="drop --validation_image, or distill an image-to-video pipeline",
+            )
+        return
+    if IMAGE_COLUMN not in columns and VIDEO_COLUMN not in columns:
+        raise UserError(
+            f"the image-to-video teacher {teacher!r} generates from an image and a prompt, but "
+            f"the dataset has prompts only (columns: {columns})",
+            fix="give each row its first frame (--image_column) or a video (--video_column: "
+            "its first frame is the image)",
+        )
+    if IMAGE_COLUMN in columns and needs_media(cfg):
+        raise UserError(
+            "This recipe needs real videos (GAN branch, or a multi-step student without "
+            "backward_simulation), but the image-to-video dataset has images only (each "
+            "row's first frame)",
+            fix="give videos (--video_column: their first frames become the images), or a "
+            "backward-simulation recipe without GAN (dmd2_wan22_a14b_i2v)",
+        )
+    if args.validation_prompts and not args.validation_image:
+        raise UserError(
+            f"--validation_prompts with the image-to-video teacher {teacher!r} need a first "
+            "frame each",
+            fix="add --validation_image (one image per prompt, or one for all)",
         )
 
 

@@ -308,8 +308,8 @@ def fuse_teacher_lora(args: TrainingArguments, pipe: Any) -> UserLora | None:
 
 
 def cache_data(run: Run, teacher: Teacher) -> TrainingData:
-    """Prompt embeddings (and latents, when the recipe needs them) computed once and cached;
-    the text encoders are freed afterwards."""
+    """Prompt embeddings (and latents, when the recipe needs them; image-to-video: each row's
+    image condition) computed once and cached; the text encoders are freed afterwards."""
     args, family, pipe = run.args, teacher.family, teacher.pipe
     dataset = load_dataset_checked(args)  # checked by the preflight; `datasets` caches it
     with_media = needs_media(run.cfg)
@@ -326,6 +326,7 @@ def cache_data(run: Run, teacher: Teacher) -> TrainingData:
         dtype=str(run.weight_dtype),
         negative_prompt=args.negative_prompt,
         needs_media=with_media,
+        condition_image=family.condition_image,
     )
 
     def encode_prompts(prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -337,6 +338,10 @@ def cache_data(run: Run, teacher: Teacher) -> TrainingData:
         with torch.no_grad():
             return family.encode_media(pipe, pixels.to(run.device, run.weight_dtype)).cpu()
 
+    def encode_condition(images: Any) -> dict[str, torch.Tensor]:
+        out = family.encode_condition(pipe, images, height, width, num_frames=args.num_frames)
+        return {k: v.cpu() for k, v in out.items()}
+
     cache_dir = (
         Path(args.embedding_cache_dir) if args.embedding_cache_dir else run.output_dir / "cache"
     )
@@ -347,14 +352,37 @@ def cache_data(run: Run, teacher: Teacher) -> TrainingData:
         cache_dir=cache_dir,
         encode_prompts=encode_prompts,
         encode_media=encode_media if with_media else None,
+        encode_condition=encode_condition if family.condition_image else None,
         batch_size=max(args.train_batch_size, 4),
         process_index=run.accelerator.process_index,
         num_processes=run.accelerator.num_processes,
     )
     prompts = args.validation_prompts or []
     validation_cond = encode_prompts(prompts) if prompts else None
+    if validation_cond is not None and family.condition_image:
+        validation_cond.update(encode_condition(validation_images(args)))
     family.free_encoders(pipe)
     return TrainingData(samples, to_device(samples.negative, run.device), validation_cond)
+
+
+def validation_images(args: TrainingArguments) -> list[Any]:
+    """``--validation_image`` as PIL images, one per validation prompt (a single image serves
+    them all); an unreadable one is a ``UserError`` naming it."""
+    from diffusers.utils import load_image
+
+    prompts = args.validation_prompts or []
+    names = list(args.validation_image or [])
+    if len(names) == 1:
+        names *= len(prompts)
+    images = []
+    for name in names:
+        try:
+            images.append(load_image(os.path.expanduser(name)))
+        except (OSError, ValueError) as err:
+            raise UserError(
+                f"--validation_image {name!r} could not be read as an image: {err}"
+            ) from err
+    return images
 
 
 def build_networks(run: Run, teacher: Teacher) -> Networks:
