@@ -44,6 +44,27 @@ def tiny_dit():
 
 
 @pytest.fixture(scope="module")
+def quiet_diffusers():
+    """diffusers' and transformers' logs and progress bars off for the module's tests, restored
+    afterwards (tiny pipelines log warnings that say nothing about the code under test). Use with
+    ``pytestmark = pytest.mark.usefixtures("quiet_diffusers")``."""
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logger = logging.getLogger("transformers")
+    level = transformers_logger.level
+    transformers_logger.setLevel(logging.ERROR)
+    yield
+    transformers_logger.setLevel(level)
+    diffusers_logging.set_verbosity(verbosity)
+    diffusers_logging.enable_progress_bar()
+
+
+@pytest.fixture(scope="module")
 def single_thread():
     """One intra-op thread for the module's tests, restored afterwards.
 

@@ -63,6 +63,9 @@ BUILD = textwrap.dedent(
     assert len(cached) == 7 and cached.has_latents, len(cached)
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({**rows, "path": str(cached.path)}, f)
+    if world > 1:  # a rank exiting while its peer still talks to gloo aborts the peer
+        dist.barrier()
+        dist.destroy_process_group()
     """
 )
 

@@ -409,6 +409,8 @@ PREPARE_CHECK = textwrap.dedent(
             assert isinstance(b, FSDPModule), name
             assert (getattr(b, "_compiled_call_impl", None) is not None) is compiled, name
     print("OK", layout, local)
+    acc.wait_for_everyone()  # no rank tears gloo down while its peer still uses it
+    acc.end_training()
     """
 )
 

@@ -10,7 +10,6 @@ relative per step, so 1e-5 is tight yet safe.
 from __future__ import annotations
 
 import json
-import logging
 import math
 
 import numpy as np
@@ -25,7 +24,6 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
-from diffusers.utils import logging as diffusers_logging
 
 import fastgen_diffusers.plugins.wan22 as wan22
 from fastgen_diffusers import DMDConfig, DMDPipeline, create_fake_score, get_feature_capture
@@ -38,18 +36,7 @@ HEIGHT, WIDTH, FRAMES = 64, 96, 9  # -> latents [Z, 3, 8, 12], token grid (3, 4,
 LATENT = (Z, 3, 8, 12)
 INNER = 24  # 2 heads x 12
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet():
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    yield
-    diffusers_logging.set_verbosity(verbosity)
-    diffusers_logging.enable_progress_bar()
+pytestmark = pytest.mark.usefixtures("single_thread", "quiet_diffusers")
 
 
 def _transformer(seed: int = 0, *, num_layers: int = 2, **overrides) -> WanTransformer3DModel:

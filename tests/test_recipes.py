@@ -103,23 +103,6 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "sample_t_cfg.t_list": [1.0, 0.9375, 0.8333333134651184, 0.625, 0.0],
         **EMA,
     },
-    "dmd2_wan22_a14b_i2v": {
-        "pred_type": "flow",
-        "num_train_timesteps": None,
-        "guidance_scale": 3.5,
-        "student_sample_steps": 4,
-        "student_sample_type": "ode",
-        "backward_simulation": True,
-        "student_update_freq": 5,
-        "fake_score_pred_type": "x0",
-        "gan_loss_weight_gen": 0.0,
-        "sample_t_cfg.time_dist_type": "shifted",
-        "sample_t_cfg.shift": 5.0,
-        "sample_t_cfg.min_t": 0.001,
-        "sample_t_cfg.max_t": 0.999,
-        "sample_t_cfg.t_list": [1.0, 0.9375, 0.8333333134651184, 0.625, 0.0],
-        **EMA,
-    },
     "dmd2_sd35_medium": {
         "pred_type": "flow",
         "num_train_timesteps": None,
@@ -275,6 +258,8 @@ FAMILY: dict[str, tuple[Any, str | None, tuple[int, ...]]] = {
     "dmd2_digits_sd3_4step": (sd3, "embedded/digits-sd3", None),
 }
 
+# The I2V recipe is the T2V one at Wan 2.2 I2V-A14B's CFG (wan_i2v_A14B: 3.5 for both experts).
+EXPECTED["dmd2_wan22_a14b_i2v"] = {**EXPECTED["dmd2_wan22_a14b_t2v"], "guidance_scale": 3.5}
 RECIPES = sorted(EXPECTED)
 
 

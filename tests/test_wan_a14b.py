@@ -9,12 +9,9 @@ sides; only the update arithmetic is written differently (a few 1e-7 relative pe
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-from diffusers.utils import logging as diffusers_logging
 
 from fastgen_diffusers import DMDConfig, DMDPipeline
 from fastgen_diffusers.lora import LoraSettings, build_dmd_networks, lora_weight_names
@@ -32,18 +29,7 @@ BOUNDARY = 0.875
 # Wan2.2-Lightning's 4 rungs (shift 5): two per expert.
 T_LIST = [1.0, 0.9375, 0.8333333134651184, 0.625, 0.0]
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet():
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    yield
-    diffusers_logging.set_verbosity(verbosity)
-    diffusers_logging.enable_progress_bar()
+pytestmark = pytest.mark.usefixtures("single_thread", "quiet_diffusers")
 
 
 @pytest.fixture(scope="module")

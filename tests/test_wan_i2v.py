@@ -13,7 +13,6 @@ rounding of x / 127.5 - 1 against x / 255 * 2 - 1 (1e-7).
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 
 import numpy as np
@@ -21,7 +20,6 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
-from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file
 
 from fastgen_diffusers.plugins import family_from_pretrained
@@ -44,18 +42,7 @@ PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
 STEPS = 4
 LORA_FILES = ["pytorch_lora_weights.safetensors", "pytorch_lora_weights_transformer_2.safetensors"]
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet():
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    yield
-    diffusers_logging.set_verbosity(verbosity)
-    diffusers_logging.enable_progress_bar()
+pytestmark = pytest.mark.usefixtures("single_thread", "quiet_diffusers")
 
 
 @pytest.fixture(scope="module")
@@ -429,3 +416,17 @@ def test_gan_trains_on_videos_with_their_first_frames(i2v, tmp_path):
     disc = [row["discriminator/total"] for row in logs if "discriminator/total" in row]
     assert len(gan) == STEPS // 2 and len(disc) == STEPS // 2  # student_update_freq=2
     assert all(np.isfinite(gan + disc))
+
+
+def test_missing_ftfy_is_named_before_loading(i2v, data, tmp_path, monkeypatch):
+    """WanImageToVideoPipeline's prompt cleaning calls ftfy unconditionally: without it the
+    preflight names the package (a NameError deep in diffusers otherwise)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "ftfy" else find_spec(n)
+    )
+    with pytest.raises(UserError, match=r"needs ftfy .*prompt cleaning.*pip install ftfy"):
+        preflight(parse_args(_argv(i2v[0], data, tmp_path / "out")))
+    assert not (tmp_path / "out").exists()

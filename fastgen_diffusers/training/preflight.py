@@ -474,13 +474,21 @@ def check_video_backend(args: TrainingArguments, family: Any) -> None:
         needed += ("imageio", "imageio_ffmpeg")
     missing = [p for p in needed if importlib.util.find_spec(p) is None]
     if missing:
-        uses = (["WanImageToVideoPipeline's prompt cleaning"] if "ftfy" in missing else []) + (
-            ["validation MP4s and .mp4 training data"] if "imageio" in needed else []
+        media = [p for p in missing if p != "ftfy"]
+        what = (
+            ("--validation_prompts" if args.validation_prompts else "--video_column")
+            if media
+            else "Encoding prompts"
+        )
+        uses = (["validation MP4s, .mp4 training data"] if media else []) + (
+            ["WanImageToVideoPipeline's prompt cleaning"] if "ftfy" in missing else []
         )
         raise UserError(
-            f"the video teacher {args.pretrained_model_name_or_path!r} needs "
+            f"{what} with the video teacher {args.pretrained_model_name_or_path!r} needs "
             f"{' and '.join(missing)} ({'; '.join(uses)}), which is not installed",
-            fix=f'`pip install "fastgen_diffusers[video]"` (or `pip install {" ".join(missing)}`)',
+            fix='`pip install "fastgen_diffusers[video]"` (or `pip install '
+            + " ".join(name.replace("_", "-") for name in missing)
+            + "`)",
         )
 
 
