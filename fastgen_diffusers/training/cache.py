@@ -376,7 +376,8 @@ class EmbeddingCache:
         shards (global sample ranges), prompts and per-sample specs."""
         with_media = encode_media is not None or encode_condition is not None
         media = _media_column(dataset) if with_media else None
-        # Read only what is encoded: media not turned into latents are never decoded.
+        # Read only what is encoded: media turned into neither latents nor an image condition
+        # are never decoded.
         rows = dataset.select_columns([PROMPT_COLUMN] + ([media] if media else []))
         if media is not None and isinstance(
             dataset.features[media], (datasets.Image, datasets.Video)
@@ -437,9 +438,9 @@ class EmbeddingCache:
                 latent_spec.check({"latents": latents}, "encode_media", what)
                 tensors["latents"] = latents
             if encode_condition is not None:
-                first = pixels if pixels.ndim == 4 else pixels[:, :, 0]  # a video's first frame
+                image = pixels if pixels.ndim == 4 else pixels[:, :, 0]  # a video's first frame
                 with torch.no_grad():
-                    condition = encode_condition(first)
+                    condition = encode_condition(image)
                 condition = {
                     k: _to_cpu(v, k, len(texts), "encode_condition") for k, v in condition.items()
                 }
