@@ -430,3 +430,14 @@ def test_missing_ftfy_is_named_before_loading(i2v, data, tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"needs ftfy .*prompt cleaning.*pip install ftfy"):
         preflight(parse_args(_argv(i2v[0], data, tmp_path / "out")))
     assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_validation_image_is_named_before_loading(i2v, data, tmp_path):
+    """A --validation_image that is not an image ends the preflight, not the run after the
+    teacher (28B parameters for the real model) has loaded."""
+    broken = tmp_path / "frame.png"
+    broken.write_bytes(b"not a png")
+    argv = _argv(i2v[0], data, tmp_path / "out", "--validation_prompts", "a cat")
+    with pytest.raises(UserError, match=r"--validation_image .*frame.png.* could not be read"):
+        preflight(parse_args([*argv, "--validation_image", str(broken)]))
+    assert not (tmp_path / "out").exists()

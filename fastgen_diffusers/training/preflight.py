@@ -585,6 +585,28 @@ def _check_condition_images(
             "frame each",
             fix="add --validation_image (one image per prompt, or one for all)",
         )
+    load_validation_images(args)
+
+
+def load_validation_images(args: TrainingArguments) -> list[Any]:
+    """``--validation_image`` as PIL images, one per validation prompt (a single image serves
+    them all); an unreadable one is a ``UserError`` naming it. The preflight reads them once,
+    so that a bad file ends the run before the teacher loads."""
+    from diffusers.utils import load_image
+
+    prompts = args.validation_prompts or []
+    names = list(args.validation_image or [])
+    if len(names) == 1:
+        names *= len(prompts)
+    images = []
+    for name in names:
+        try:
+            images.append(load_image(os.path.expanduser(name)))
+        except (OSError, ValueError) as err:
+            raise UserError(
+                f"--validation_image {name!r} could not be read as an image: {err}"
+            ) from err
+    return images
 
 
 # -- resume and output ----------------------------------------------------------------------------

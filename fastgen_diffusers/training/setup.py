@@ -65,7 +65,14 @@ from .parallel import (
     take_host_transformers,
     teacher_transformers_with_weights,
 )
-from .preflight import load_dataset_checked, needs_media, preflight, resume_target, teacher_family
+from .preflight import (
+    load_dataset_checked,
+    load_validation_images,
+    needs_media,
+    preflight,
+    resume_target,
+    teacher_family,
+)
 from .run_record import RUN_RECORD, check_resume, run_record, write_run_record
 from .state import Counter, Networks, Progress, Run, Teacher, Trainer, TrainingData
 from .trackers import check_trackers, requested_trackers
@@ -360,29 +367,9 @@ def cache_data(run: Run, teacher: Teacher) -> TrainingData:
     prompts = args.validation_prompts or []
     validation_cond = encode_prompts(prompts) if prompts else None
     if validation_cond is not None and family.condition_image:
-        validation_cond.update(encode_condition(validation_images(args)))
+        validation_cond.update(encode_condition(load_validation_images(args)))
     family.free_encoders(pipe)
     return TrainingData(samples, to_device(samples.negative, run.device), validation_cond)
-
-
-def validation_images(args: TrainingArguments) -> list[Any]:
-    """``--validation_image`` as PIL images, one per validation prompt (a single image serves
-    them all); an unreadable one is a ``UserError`` naming it."""
-    from diffusers.utils import load_image
-
-    prompts = args.validation_prompts or []
-    names = list(args.validation_image or [])
-    if len(names) == 1:
-        names *= len(prompts)
-    images = []
-    for name in names:
-        try:
-            images.append(load_image(os.path.expanduser(name)))
-        except (OSError, ValueError) as err:
-            raise UserError(
-                f"--validation_image {name!r} could not be read as an image: {err}"
-            ) from err
-    return images
 
 
 def build_networks(run: Run, teacher: Teacher) -> Networks:
