@@ -10,7 +10,14 @@ CFG 4.5, GAN on the teacher's blocks (1, 2, 3) with our discriminator for both. 
 step (ours also with batched CFG), the amortised iteration (the alternation
 ``student_update_freq = 5``: 1 student step, 4 fake-score + discriminator steps) and its
 scaling over latent size and batch, then the forwards / backwards each pipeline runs per step
-(counted by hooks). Ratio = ours / reference, per round; median and min-max.
+(counted by hooks). Ratio = ours / reference, per round; median and min-max. Both sides
+there share torch's default AdamW, so those rows compare the pipelines alone.
+
+Then each side as it runs by default (ours with the fused AdamW ``train_dmd2.py`` builds; the
+reference with ``torch.optim.AdamW()``, its pipeline leaving the optimizer to the caller),
+optionally ours compiled (``--compiled``), with the FLOPs per iteration and the rate they run
+at against this thread's matmul rate at the model's shapes; and ``as trained``: SD3 without T5
+as ``train_dmd2.py`` trains it (identical tokens collapsed).
 
 Without the reference installed the script says what is missing and prints our side only.
 """
@@ -21,6 +28,7 @@ import argparse
 import copy
 import statistics
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -196,12 +204,22 @@ def main() -> None:
     parser.add_argument(
         "--as_trained_only", action="store_true", help="only the SD3-without-T5 comparison"
     )
+    parser.add_argument(
+        "--defaults_only", action="store_true", help="only the comparison of each side's defaults"
+    )
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="add ours with compile_blocks to the defaults comparison (compiling takes minutes)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reference = load_reference()
-    if args.as_trained_only:
-        if reference is not None:
+    if args.as_trained_only or args.defaults_only:
+        if reference is not None and args.as_trained_only:
             as_trained(reference, args.rounds)
+        if reference is not None and args.defaults_only:
+            defaults(reference, args.rounds, args.compiled)
         return
     from fastgen_diffusers.plugins import sd3
 
@@ -259,11 +277,109 @@ def main() -> None:
             print(row(f"batch {batch}, latents 16x{size}x{size}", times, sides), flush=True)
 
     if reference is not None:
+        defaults(reference, args.rounds, args.compiled)
         as_trained(reference, args.rounds)
 
     print("\nNetwork calls per step (forwards, and backwards reaching the network's input)\n")
     print("| step | pipeline | calls |\n| --- | --- | --- |")
     print("\n".join(count_lines))
+
+
+def defaults(reference, rounds: int, compiled: bool) -> None:
+    """Distinct tokens (nothing to collapse), each side as it runs by default: ours with the
+    optimizer ``train_dmd2.py`` builds (``--adam_implementation auto``: fused AdamW), the
+    reference with ``torch.optim.AdamW()`` (its pipeline leaves the optimizer to the caller;
+    on a CPU torch's default is the per-tensor loop). With ``compiled``, also ours with
+    ``compile_blocks`` on student, fake score and teacher (compile time reported apart)."""
+    from fastgen_diffusers.plugins import sd3
+    from fastgen_diffusers.plugins.common import compile_blocks
+
+    x = sd3_inputs()
+    rates: dict[str, tuple[float, float]] = {}
+    print("\nEach side's defaults, distinct tokens (ours: fused AdamW as train_dmd2.py builds it;")
+    print("reference: torch.optim.AdamW defaults)\n")
+    print("| case | ours (s) | reference (s) | ours/reference | spread |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for gan in (False, True):
+        base = sd3.SD3Wrapper(sd3_model(), dedup_text_tokens=False)
+        built = {
+            "ours": build("ours", reference, base, gan=gan, fused=True),
+            "reference": build("reference", reference, base, gan=gan),
+        }
+        if compiled:
+            built["compiled"] = build("ours", reference, base, gan=gan, fused=True)
+        fns = {s: steps(b[0], b[1], x) for s, b in built.items()}
+        compile_seconds = 0.0
+        if compiled:
+            pipe = built["compiled"][0]
+            start = time.perf_counter()
+            for net in (pipe.student, pipe.teacher, pipe.fake_score):
+                compile_blocks(net)
+            fns["compiled"]["cycle"]()  # the first calls compile
+            compile_seconds = time.perf_counter() - start
+        tag = "GAN" if gan else "no GAN"
+        names = ["student", "fake"] + (["disc"] if gan else []) + ["cycle"]
+        for name in names:
+            times = interleaved({s: f[name] for s, f in fns.items()}, rounds)
+            if name == "cycle":
+                times = {s: [v / 5 for v in t] for s, t in times.items()}
+                for side in ("ours", "reference"):
+                    flops = cycle_flops(fns[side]["cycle"]) / 5
+                    rates[f"{side}, {tag}"] = (flops, statistics.median(times[side]))
+            label = f"{name} step, {tag}" if name != "cycle" else f"iteration (amortised), {tag}"
+            pairs = [("ours", label)]
+            if compiled:
+                pairs.append(("compiled", f"{label}, ours compiled"))
+            for side, text in pairs:
+                ratios = [o / r for o, r in zip(times[side], times["reference"])]
+                print(
+                    f"| {text} | {statistics.median(times[side]):.3f} | "
+                    f"{statistics.median(times['reference']):.3f} | "
+                    f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f} |",
+                    flush=True,
+                )
+            if name == "cycle" and compiled:
+                saved = statistics.median(times["ours"]) - statistics.median(times["compiled"])
+                even = f"{compile_seconds / saved:.0f} iterations" if saved > 0 else "never"
+                print(
+                    f"| compiling ({tag}): {compile_seconds:.0f} s, repaid after {even} | | | | |"
+                )
+
+    gemm = gemm_rate()
+    print(
+        "\nWork per amortised iteration (FLOPs counted by torch's FlopCounterMode) and the rate "
+        f"it runs at, against {gemm:.0f} GFLOP/s, this thread's matmul rate at the model's "
+        "linear shapes (the ceiling for the same work)\n"
+    )
+    print("| pipeline | GFLOP / iteration | s / iteration | GFLOP/s | of the matmul rate |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for label, (flops, seconds) in rates.items():
+        rate = flops / seconds / 1e9
+        print(f"| {label} | {flops / 1e9:.1f} | {seconds:.3f} | {rate:.0f} | {rate / gemm:.0%} |")
+
+
+def cycle_flops(cycle) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        cycle()
+    return float(counter.get_total_flops())
+
+
+def gemm_rate() -> float:
+    """GFLOP/s of ``F.linear`` at the benchmark model's shapes (image and text tokens of batch
+    2 against its 384 and 1536 wide layers), median of 20 calls each, then the mean."""
+    rates = []
+    for rows, k, n in ((512, 384, 384), (512, 384, 1536), (512, 1536, 384), (154, 384, 1536)):
+        a, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
+        torch.nn.functional.linear(a, w, b)
+        seconds = []
+        for _ in range(20):
+            start = time.perf_counter()
+            torch.nn.functional.linear(a, w, b)
+            seconds.append(time.perf_counter() - start)
+        rates.append(2 * rows * k * n / statistics.median(seconds) / 1e9)
+    return statistics.mean(rates)
 
 
 def as_trained(reference, rounds: int) -> None:
