@@ -196,6 +196,16 @@ def row(label: str, times: dict[str, list[float]], names: list[str]) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
+def against_reference(label: str, times: dict[str, list[float]], side: str) -> str:
+    """``| label | side s | reference s | side/reference | spread |`` from per-round times."""
+    ratios = [o / r for o, r in zip(times[side], times["reference"])]
+    return (
+        f"| {label} | {statistics.median(times[side]):.3f} | "
+        f"{statistics.median(times['reference']):.3f} | {statistics.median(ratios):.2f}x | "
+        f"{min(ratios):.2f}-{max(ratios):.2f} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -331,13 +341,7 @@ def defaults(reference, rounds: int, compiled: bool) -> None:
             if compiled:
                 pairs.append(("compiled", f"{label}, ours compiled"))
             for side, text in pairs:
-                ratios = [o / r for o, r in zip(times[side], times["reference"])]
-                print(
-                    f"| {text} | {statistics.median(times[side]):.3f} | "
-                    f"{statistics.median(times['reference']):.3f} | "
-                    f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f} |",
-                    flush=True,
-                )
+                print(against_reference(text, times, side), flush=True)
             if name == "cycle" and compiled:
                 saved = statistics.median(times["ours"]) - statistics.median(times["compiled"])
                 even = f"{compile_seconds / saved:.0f} iterations" if saved > 0 else "never"
@@ -410,13 +414,7 @@ def as_trained(reference, rounds: int) -> None:
     print("| case | ours (s) | reference (s) | ours/reference | spread |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for label, side in (("as trained", "ours"), ("ours with torch's AdamW", "ours, torch AdamW")):
-        ratios = [o / r for o, r in zip(times[side], times["reference"])]
-        print(
-            f"| {label} | {statistics.median(times[side]):.3f} | "
-            f"{statistics.median(times['reference']):.3f} | {statistics.median(ratios):.2f}x | "
-            f"{min(ratios):.2f}-{max(ratios):.2f} |",
-            flush=True,
-        )
+        print(against_reference(label, times, side), flush=True)
 
 
 if __name__ == "__main__":
