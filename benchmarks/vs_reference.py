@@ -387,10 +387,11 @@ def gemm_rate() -> float:
 
 
 def as_trained(reference, rounds: int) -> None:
-    """The amortised iteration with GAN as each side would run SD3 without T5 (77 CLIP tokens,
-    then the 256 zero rows the pipeline pads T5 with): ours as ``train_dmd2.py`` runs it
-    (identical tokens collapsed, fused AdamW), the reference on the stock transformer with
-    torch's default AdamW. Same math; ours does less work for the same result."""
+    """Each step and the amortised iteration with GAN as each side would run SD3 without T5
+    (77 CLIP tokens, then the 256 zero rows the pipeline pads T5 with): ours as
+    ``train_dmd2.py`` runs it (identical tokens collapsed, fused AdamW), the reference on the
+    stock transformer with torch's default AdamW. Same math; ours does less work for the same
+    result. The cycle also with torch's AdamW for ours (the collapse alone)."""
     from fastgen_diffusers.plugins import sd3
 
     x = sd3_inputs(tokens=77)
@@ -403,17 +404,23 @@ def as_trained(reference, rounds: int) -> None:
     )
     ref = build("reference", reference, sd3.SD3Wrapper(model, dedup_text_tokens=False), gan=True)
     fns = {
-        "ours": steps(ours_fused[0], ours_fused[1], x)["cycle"],
-        "ours, torch AdamW": steps(ours[0], ours[1], x)["cycle"],
-        "reference": steps(ref[0], ref[1], x)["cycle"],
+        "ours": steps(ours_fused[0], ours_fused[1], x),
+        "ours, torch AdamW": steps(ours[0], ours[1], x),
+        "reference": steps(ref[0], ref[1], x),
     }
-    times = interleaved(fns, rounds)
-    times = {s: [v / 5 for v in t] for s, t in times.items()}
-    print("\nAs trained, SD3 without T5 (77 CLIP + 256 zero T5 tokens), amortised iteration ")
-    print("with GAN (ours: tokens collapsed, fused AdamW; reference: stock model, AdamW)\n")
+    print("\nAs trained, SD3 without T5 (77 CLIP + 256 zero T5 tokens), with GAN (ours: tokens ")
+    print("collapsed, fused AdamW; reference: stock model, AdamW)\n")
     print("| case | ours (s) | reference (s) | ours/reference | spread |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for label, side in (("as trained", "ours"), ("ours with torch's AdamW", "ours, torch AdamW")):
+    for name in ("student", "fake", "disc"):
+        times = interleaved({s: fns[s][name] for s in ("ours", "reference")}, rounds)
+        print(against_reference(f"{name} step", times, "ours"), flush=True)
+    times = interleaved({s: f["cycle"] for s, f in fns.items()}, rounds)
+    times = {s: [v / 5 for v in t] for s, t in times.items()}
+    for label, side in (
+        ("iteration (amortised), as trained", "ours"),
+        ("iteration (amortised), ours with torch's AdamW", "ours, torch AdamW"),
+    ):
         print(against_reference(label, times, side), flush=True)
 
 
